@@ -1,0 +1,101 @@
+"""MultiExitConfig: every setting of a multi-exit encoder, serialised to config.json.
+
+The backbone's own configuration is nested under `backbone` (a plain dict with its `model_type`),
+so a saved folder rebuilds the same encoder without the original checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+TASKS = ("single_label_classification", "multi_label_classification", "regression")
+POOLINGS = ("cls", "mean")
+LOSS_WEIGHTS = ("uniform", "ascending", "descending")
+
+DEFAULT_EXIT_POLICY: dict[str, Any] = {"rule": "entropy", "tau": 0.3}
+
+
+class MultiExitConfig(PretrainedConfig):
+    """Configuration of a `MultiExitModel`.
+
+    Args:
+        backbone: the encoder's config as a dict (`AutoConfig.to_dict()`), with `model_type`.
+        exit_layers: 1-based layers that carry an exit; the last layer always does. None = every layer.
+        pooling: `cls` (first token) or `mean` (masked mean over tokens).
+        use_bypass: add one block-wise bypass adapter per block of `block_size` layers.
+        block_size: layers per bypass block; None = `max(2, L // 4)`.
+        bypass_dim: bottleneck width `r` of each bypass.
+        gamma: gradient damper between the backbone and intermediate exits (1 = no damping).
+        classifier_dropout: dropout inside every exit head.
+        loss_weights: `uniform`, `ascending` or `descending` weights over exits in the joint loss.
+        exit_policy: the default exit rule and its parameters (see `badge.rules`).
+        heads_kept: per layer (str index) the attention heads kept after pruning, or None.
+    """
+
+    model_type = "badge-multi-exit"
+
+    def __init__(
+        self,
+        backbone: dict[str, Any] | None = None,
+        exit_layers: list[int] | None = None,
+        pooling: str = "cls",
+        use_bypass: bool = True,
+        block_size: int | None = None,
+        bypass_dim: int = 32,
+        gamma: float = 0.3,
+        classifier_dropout: float = 0.1,
+        loss_weights: str = "ascending",
+        exit_policy: dict[str, Any] | None = None,
+        heads_kept: dict[str, list[int]] | None = None,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("num_layers", None)  # derived from the backbone; stored only for readers of config.json
+        self.backbone = dict(backbone) if backbone else {"model_type": "bert"}
+        num_layers = self.backbone_config().num_hidden_layers
+        if exit_layers is None:
+            exit_layers = list(range(1, num_layers + 1))
+        exit_layers = sorted(set(int(layer) for layer in exit_layers) | {num_layers})
+        bad = [layer for layer in exit_layers if not 1 <= layer <= num_layers]
+        if bad:
+            raise ValueError(f"exit_layers {bad} are outside 1..{num_layers} (the backbone has {num_layers} layers)")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is not one of {list(POOLINGS)}")
+        if loss_weights not in LOSS_WEIGHTS:
+            raise ValueError(f"loss_weights {loss_weights!r} is not one of {list(LOSS_WEIGHTS)}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma {gamma} must lie in [0, 1]")
+        if block_size is None:
+            block_size = max(2, num_layers // 4)
+        if not 1 <= block_size <= num_layers:
+            raise ValueError(f"block_size {block_size} must lie in 1..{num_layers}")
+        if bypass_dim < 1:
+            raise ValueError(f"bypass_dim {bypass_dim} must be a positive integer")
+        self.num_layers = num_layers
+        self.exit_layers = exit_layers
+        self.pooling = pooling
+        self.use_bypass = bool(use_bypass)
+        self.block_size = int(block_size)
+        self.bypass_dim = int(bypass_dim)
+        self.gamma = float(gamma)
+        self.classifier_dropout = float(classifier_dropout)
+        self.loss_weights = loss_weights
+        self.exit_policy = dict(exit_policy) if exit_policy else dict(DEFAULT_EXIT_POLICY)
+        self.heads_kept = heads_kept
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        if self.problem_type is None:
+            self.problem_type = "single_label_classification"
+        if self.problem_type not in TASKS:
+            raise ValueError(f"problem_type {self.problem_type!r} is not one of {list(TASKS)}")
+
+    def backbone_config(self) -> PretrainedConfig:
+        """The encoder's own `PretrainedConfig`, rebuilt from the nested dict."""
+        settings = dict(self.backbone)
+        return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+    def block_of(self, layer: int) -> int:
+        """0-based bypass block that 1-based `layer` belongs to."""
+        return (layer - 1) // self.block_size

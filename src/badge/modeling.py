@@ -1,0 +1,459 @@
+"""MultiExitModel: a Hugging Face encoder with an exit after every layer and block-wise bypasses.
+
+Exit i reads the pooled hidden state of layer i. An intermediate exit sees it through a gradient
+damper (forward unchanged, gradient into the backbone times `gamma`) and its block's bypass, a
+zero-initialised bottleneck adapter; the final exit is an ordinary classifier on the last layer.
+The model also exposes its pieces (`embed`, `attention_inputs`, `run_layer`, `exit_logits`) so that
+an inference engine can run it layer by layer and stop early.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import ModelOutput
+
+from badge.config import MultiExitConfig
+
+SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
+EXIT_POLICY_FILE = "exit_policy.json"
+
+
+class CheckpointError(ValueError):
+    """A model folder that is missing files or holds unreadable weights."""
+
+
+class _GradientDamper(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `gamma` on the way back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gamma: float) -> torch.Tensor:
+        ctx.gamma = gamma
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.gamma, None
+
+
+def damp_gradient(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Return `x` unchanged; gradients flowing back through it are scaled by `gamma`."""
+    if gamma >= 1.0:
+        return x
+    return _GradientDamper.apply(x, gamma)
+
+
+class Bypass(nn.Module):
+    """Bottleneck adapter `W_up GELU(W_down LN(x))`; `W_up` starts at zero so training starts as plain multi-exit."""
+
+    def __init__(self, hidden_size: int, bypass_dim: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.down = nn.Linear(hidden_size, bypass_dim)
+        self.up = nn.Linear(bypass_dim, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(nn.functional.gelu(self.down(self.norm(x))))  # (B, d)
+
+
+class ExitHead(nn.Module):
+    """Small classifier on a pooled vector: dense + tanh (as BERT's pooler), then a linear layer to the labels."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.dense(self.dropout(pooled)))
+        return self.out(self.dropout(x))  # (B, K)
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer needs besides the hidden states: the prepared mask and, for MPNet, the position bias."""
+
+    mask: torch.Tensor | None
+    position_bias: torch.Tensor | None = None
+
+
+@dataclass
+class MultiExitOutput(ModelOutput):
+    """Forward result: `exit_logits` holds one `(B, K)` tensor per exit, shallowest first."""
+
+    loss: torch.Tensor | None = None
+    exit_logits: tuple[torch.Tensor, ...] | None = None
+    exit_losses: torch.Tensor | None = None
+
+
+class MultiExitModel(PreTrainedModel):
+    """A multi-exit classifier over any supported Hugging Face encoder (see `SUPPORTED_FAMILIES`)."""
+
+    config_class = MultiExitConfig
+    base_model_prefix = "multi_exit"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: MultiExitConfig, encoder: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        backbone_config = config.backbone_config()
+        self.family = backbone_config.model_type
+        if self.family not in SUPPORTED_FAMILIES:
+            raise ValueError(
+                f"encoder family {self.family!r} is not supported; expected one of {list(SUPPORTED_FAMILIES)}"
+            )
+        self.encoder = encoder if encoder is not None else AutoModel.from_config(backbone_config)
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # unused: exits pool for themselves, and unused weights break DDP
+        if config.heads_kept:
+            from badge.pruning import apply_heads_kept
+
+            apply_heads_kept(self, {int(k): v for k, v in config.heads_kept.items()})
+        hidden = backbone_config.hidden_size
+        num_labels = config.num_labels
+        self.exits = nn.ModuleDict(
+            {str(layer): ExitHead(hidden, num_labels, config.classifier_dropout) for layer in config.exit_layers}
+        )
+        self.bypasses = nn.ModuleDict()
+        if config.use_bypass:
+            blocks = sorted({config.block_of(layer) for layer in self.intermediate_layers})
+            eps = getattr(backbone_config, "layer_norm_eps", 1e-12)
+            self.bypasses.update({str(b): Bypass(hidden, config.bypass_dim, eps) for b in blocks})
+        self.tokenizer = None
+        self.post_init()
+
+    # ----- structure -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def exit_layers(self) -> list[int]:
+        """1-based layers with an exit, shallowest first; the last is always `num_layers`."""
+        return list(self.config.exit_layers)
+
+    @property
+    def intermediate_layers(self) -> list[int]:
+        return [layer for layer in self.config.exit_layers if layer != self.config.num_layers]
+
+    @property
+    def label_names(self) -> list[str]:
+        return [self.config.id2label[i] for i in range(self.config.num_labels)]
+
+    def exit_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the exits and bypasses (new, randomly initialised: trained with their own rate)."""
+        return list(self.exits.parameters()) + list(self.bypasses.parameters())
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Bypass):
+            init.zeros_(module.up.weight)
+            init.zeros_(module.up.bias)
+
+    # ----- layer-by-layer pieces (used by forward and by the engines) ------------------------
+    def _layer_modules(self) -> nn.ModuleList:
+        if self.family == "distilbert":
+            return self.encoder.transformer.layer
+        return self.encoder.encoder.layer
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding output `h_0`, shape (B, T, d)."""
+        embeddings = self.encoder.embeddings
+        if self.family == "distilbert":
+            return embeddings(input_ids)
+        if self.family == "mpnet":
+            return embeddings(input_ids=input_ids)
+        hidden = embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        if self.family == "electra" and hasattr(self.encoder, "embeddings_project"):
+            hidden = self.encoder.embeddings_project(hidden)
+        if self.family == "albert":
+            hidden = self.encoder.encoder.embedding_hidden_mapping_in(hidden)
+        return hidden
+
+    def attention_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> AttentionInputs:
+        """Prepare the mask (and MPNet's relative position bias) for hidden states of shape (B, T, d)."""
+        mask = create_bidirectional_mask(
+            config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        bias = self.encoder.encoder.compute_position_bias(hidden) if self.family == "mpnet" else None
+        return AttentionInputs(mask=mask, position_bias=bias)
+
+    def run_layer(self, layer: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
+        """Apply 1-based transformer layer `layer` to hidden states (B, T, d)."""
+        if self.family == "albert":
+            albert = self.encoder.encoder
+            groups = self.encoder.config.num_hidden_groups
+            group = int((layer - 1) / (self.num_layers / groups))
+            return albert.albert_layer_groups[group](hidden, attention.mask)
+        module = self._layer_modules()[layer - 1]
+        if self.family == "mpnet":
+            out = module(hidden, attention.mask, attention.position_bias)
+        else:
+            out = module(hidden, attention.mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pool (B, T, d) hidden states to (B, d) by the configured `pooling`."""
+        if self.config.pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def exit_logits(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) of the exit after 1-based `layer`."""
+        pooled = self.pool(hidden, attention_mask)  # (B, d)
+        if layer != self.num_layers:
+            pooled = damp_gradient(pooled, self.config.gamma)
+            if self.config.use_bypass:
+                pooled = pooled + self.bypasses[str(self.config.block_of(layer))](pooled)
+        return self.exits[str(layer)](pooled)
+
+    # ----- training forward ------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        exit_weights: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> MultiExitOutput:
+        """Run every layer and every exit.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: (B, T) tensors.
+            labels: (B,) class ids, (B, K) multi-hot floats, or (B,) regression targets.
+            exit_weights: (E,) weights of the per-exit losses; default from `config.loss_weights`.
+        Returns:
+            `MultiExitOutput` with `exit_logits` (one (B, K) tensor per exit) and, given labels,
+            `loss` (weighted sum) and `exit_losses` (E,).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.embed(input_ids, token_type_ids)
+        attention = self.attention_inputs(hidden, attention_mask)
+        wanted = set(self.config.exit_layers)
+        logits = []
+        for layer in range(1, self.num_layers + 1):
+            hidden = self.run_layer(layer, hidden, attention)
+            if layer in wanted:
+                logits.append(self.exit_logits(layer, hidden, attention_mask))
+        if labels is None:
+            return MultiExitOutput(exit_logits=tuple(logits))
+        losses = torch.stack([self.task_loss(z, labels) for z in logits])  # (E,)
+        weights = self.default_exit_weights() if exit_weights is None else exit_weights
+        loss = (losses * weights.to(losses.device)).sum()
+        return MultiExitOutput(loss=loss, exit_logits=tuple(logits), exit_losses=losses.detach())
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of one exit for this model's task."""
+        task = self.config.problem_type
+        if task == "regression":
+            return nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+        if task == "multi_label_classification":
+            return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        return nn.functional.cross_entropy(logits, labels.long())
+
+    def default_exit_weights(self) -> torch.Tensor:
+        """Per-exit loss weights from `config.loss_weights`, summing to one."""
+        positions = torch.tensor(self.config.exit_layers, dtype=torch.float32)
+        scheme = self.config.loss_weights
+        if scheme == "uniform":
+            weights = torch.ones_like(positions)
+        elif scheme == "ascending":
+            weights = positions
+        else:
+            weights = positions.flip(0)
+        return weights / weights.sum()
+
+    # ----- building, saving, loading ---------------------------------------------------------
+    @classmethod
+    def from_encoder(
+        cls,
+        path: str | os.PathLike,
+        num_labels: int | None = None,
+        label_names: list[str] | None = None,
+        problem_type: str = "single_label_classification",
+        **exit_options: Any,
+    ) -> MultiExitModel:
+        """Build a new multi-exit model from a plain encoder checkpoint folder.
+
+        Args:
+            path: folder with the encoder's `config.json`, `model.safetensors` and tokenizer files.
+            num_labels: number of classes (1 for regression); inferred from `label_names` if omitted.
+            label_names: class names, index = label id.
+            problem_type: `single_label_classification`, `multi_label_classification` or `regression`.
+            exit_options: any `MultiExitConfig` field (`use_bypass`, `gamma`, `block_size`, `pooling` ...).
+        """
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json: expected a Hugging Face encoder folder")
+        if not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"{path} has no model.safetensors: only safetensors weights are loaded")
+        if label_names is not None:
+            num_labels = len(label_names) if num_labels is None else num_labels
+            if num_labels != len(label_names):
+                raise ValueError(f"num_labels {num_labels} does not match {len(label_names)} label names")
+        if num_labels is None:
+            raise ValueError("give num_labels or label_names")
+        if label_names is None:
+            label_names = ["value"] if problem_type == "regression" else [str(i) for i in range(num_labels)]
+        encoder = AutoModel.from_pretrained(path, use_safetensors=True)
+        exit_options.setdefault("pooling", declared_pooling(path))
+        config = MultiExitConfig(
+            backbone=AutoConfig.from_pretrained(path).to_dict(),
+            num_labels=num_labels,
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            problem_type=problem_type,
+            **exit_options,
+        )
+        model = cls(config, encoder=encoder)
+        model.tokenizer = AutoTokenizer.from_pretrained(path)
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save config, safetensors weights, tokenizer and `exit_policy.json`; replaces the folder atomically."""
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            super().save_pretrained(staging, **kwargs)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            (staging / EXIT_POLICY_FILE).write_text(json.dumps(self.config.exit_policy, indent=2) + "\n")
+            replace_directory(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *args: Any, **kwargs: Any) -> MultiExitModel:
+        """Load a saved multi-exit model (safetensors only); `exit_policy.json` in the folder wins over config."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is not a saved BADGE model: config.json is missing")
+        if not (path / "model.safetensors").is_file():
+            raise CheckpointError(f"{path} is not a saved BADGE model: model.safetensors is missing")
+        try:
+            config = MultiExitConfig.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path}/config.json cannot be read: {error}") from error
+        policy_file = path / EXIT_POLICY_FILE
+        if policy_file.is_file():
+            try:
+                config.exit_policy = json.loads(policy_file.read_text())
+            except json.JSONDecodeError as error:
+                raise CheckpointError(f"{policy_file} is not valid JSON: {error}") from error
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            model = super().from_pretrained(path, *args, config=config, **kwargs)
+        except Exception as error:  # safetensors raises its own types for truncated or corrupt files
+            raise CheckpointError(f"{path}/model.safetensors cannot be loaded: {error}") from error
+        if (path / "tokenizer_config.json").is_file():
+            model.tokenizer = AutoTokenizer.from_pretrained(path)
+        return model
+
+
+def declared_pooling(path: str | os.PathLike) -> str:
+    """Pooling a sentence-transformers checkpoint declares in `1_Pooling/config.json`, else `cls`."""
+    pooling_file = Path(path) / "1_Pooling" / "config.json"
+    if pooling_file.is_file():
+        declared = json.loads(pooling_file.read_text())
+        if declared.get("pooling_mode_mean_tokens"):
+            return "mean"
+    return "cls"
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move the finished folder `source` to `target`, so a reader never sees a half-written `target`."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+@dataclass
+class FlopCount:
+    """Floating-point operations (2 per multiply-add) for one sequence of `seq_len` tokens."""
+
+    seq_len: int
+    per_layer: float
+    per_exit_head: float
+    per_bypass: float
+    num_layers: int
+    num_exits: int
+    num_bypassed_exits: int
+
+    @property
+    def backbone(self) -> float:
+        return self.per_layer * self.num_layers
+
+    @property
+    def exits_and_bypasses(self) -> float:
+        return self.per_exit_head * self.num_exits + self.per_bypass * self.num_bypassed_exits
+
+    @property
+    def total(self) -> float:
+        return self.backbone + self.exits_and_bypasses
+
+    def cost_to_exit(self, layer: int, exits_evaluated: int, bypasses_evaluated: int) -> float:
+        """FLOPs spent by a sample that leaves after `layer` having evaluated the given exits."""
+        return self.per_layer * layer + self.per_exit_head * exits_evaluated + self.per_bypass * bypasses_evaluated
+
+    def summary(self) -> str:
+        extra = self.exits_and_bypasses / self.backbone
+        bypass_share = self.per_bypass * self.num_bypassed_exits / self.backbone
+        return (
+            f"FLOPs per sequence of {self.seq_len} tokens: backbone {self.backbone / 1e9:.3f} G, "
+            f"exits + bypasses {self.exits_and_bypasses / 1e6:.3f} M ({100 * extra:.3f} % extra, "
+            f"of which bypasses {100 * bypass_share:.4f} %)"
+        )
+
+
+def count_flops(model: MultiExitModel, seq_len: int = 128) -> FlopCount:
+    """Count FLOPs of the model's layers, exit heads and bypasses for one sequence of `seq_len` tokens."""
+    backbone = model.config.backbone_config()
+    d = backbone.hidden_size
+    ff = backbone.intermediate_size if hasattr(backbone, "intermediate_size") else backbone.hidden_dim
+    heads = backbone.num_attention_heads
+    head_dim = d // heads
+    kept = [len(h) for h in model.config.heads_kept.values()] if model.config.heads_kept else []
+    mean_heads = sum(kept) / len(kept) if kept else heads
+    attn_width = mean_heads * head_dim
+    t = seq_len
+    per_layer = (
+        2 * t * d * attn_width * 4  # Q, K, V and output projections
+        + 2 * 2 * t * t * attn_width  # scores and weighted sum
+        + 2 * 2 * t * d * ff  # feed-forward in and out
+    )
+    k = model.config.num_labels
+    pool = t * d if model.config.pooling == "mean" else 0
+    per_exit_head = pool + 2 * d * d + 2 * d * k
+    r = model.config.bypass_dim
+    per_bypass = 2 * d * r * 2 + 5 * d  # down, up, layer norm
+    bypassed = len(model.intermediate_layers) if model.config.use_bypass else 0
+    return FlopCount(
+        seq_len=seq_len,
+        per_layer=float(per_layer),
+        per_exit_head=float(per_exit_head),
+        per_bypass=float(per_bypass),
+        num_layers=model.num_layers,
+        num_exits=len(model.exit_layers),
+        num_bypassed_exits=bypassed,
+    )
