@@ -62,6 +62,7 @@ class Bypass(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.down = nn.Linear(hidden_size, bypass_dim)
         self.up = nn.Linear(bypass_dim, hidden_size)
+        self.up.zero_init = True  # read by MultiExitModel._init_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(nn.functional.gelu(self.down(self.norm(x))))  # (B, d)
@@ -158,9 +159,9 @@ class MultiExitModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, Bypass):
-            init.zeros_(module.up.weight)
-            init.zeros_(module.up.bias)
+        if getattr(module, "zero_init", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
     # ----- layer-by-layer pieces (used by forward and by the engines) ------------------------
     def _layer_modules(self) -> nn.ModuleList:
@@ -457,3 +458,7 @@ def count_flops(model: MultiExitModel, seq_len: int = 128) -> FlopCount:
         num_exits=len(model.exit_layers),
         num_bypassed_exits=bypassed,
     )
+
+
+AutoConfig.register(MultiExitConfig.model_type, MultiExitConfig)
+AutoModel.register(MultiExitConfig, MultiExitModel)

@@ -223,7 +223,10 @@ RULES: dict[str, RuleSpec] = {
             {"tau": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
         ),
         RuleSpec(
-            "patience", "argmax unchanged for `patience` exits (PABEE)", _build_patience, ("patience",),
+            "patience",
+            "argmax unchanged for `patience` exits (PABEE)",
+            _build_patience,
+            ("patience",),
             {"patience": (1, 2, 3, 4, 5, 6, 8, 10)},
         ),
         RuleSpec(

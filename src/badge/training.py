@@ -1,0 +1,301 @@
+"""Training a multi-exit model: joint / BB / two-stage / single-exit schemes, with `accelerate`.
+
+The same loop runs on one CPU, one GPU, or several processes (`torchrun` or `accelerate launch`,
+gloo on CPU). After every epoch each exit is evaluated on the validation split; the best model is
+kept in `OUTPUT/best`, and a resumable checkpoint (weights, optimizer state as safetensors, loop
+position as JSON) is written atomically to `OUTPUT/checkpoint` every `save_steps` and at each epoch end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from rich.console import Console
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from badge.data import TextDataset
+from badge.evaluation import collect_exit_logits, make_loader
+from badge.metrics import exit_table, per_exit_metrics, primary_metric_name
+from badge.modeling import MultiExitModel, replace_directory
+
+SCHEMES = {
+    "bb": "joint training of all exits through block-wise bypasses and the gradient damper",
+    "joint": "plain joint training of all exits (no bypass, no damper)",
+    "two_stage": "fine-tune the final exit, then freeze the backbone and train the other exits (DeeBERT)",
+    "single_exit": "ordinary fine-tune of the final classifier only (a reference, not a multi-exit model)",
+}
+CHECKPOINT = "checkpoint"
+BEST = "best"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class TrainingArguments:
+    """Settings of one training run (all saved in `trainer_state.json`)."""
+
+    output_dir: str
+    scheme: str = "bb"
+    epochs: float = 2.0
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    encoder_lr: float = 5e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    seed: int = 0
+    save_steps: int = 200
+    resume: bool = False
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme {self.scheme!r} is not one of {list(SCHEMES)}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs {self.epochs} must be > 0")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size {self.batch_size} must be >= 1")
+
+
+@dataclass
+class TrainingResult:
+    """What a run produced: the best model's folder and every epoch's per-exit validation metrics."""
+
+    best_dir: Path
+    best_metric: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def scheme_model_options(scheme: str) -> dict[str, Any]:
+    """`MultiExitConfig` options a scheme implies (plain joint and two-stage have no bypass nor damper)."""
+    if scheme == "bb":
+        return {"use_bypass": True}
+    return {"use_bypass": False, "gamma": 1.0}
+
+
+def stage_exit_weights(model: MultiExitModel, scheme: str, stage: int) -> torch.Tensor:
+    """Per-exit loss weights for a scheme's stage: all exits, the final one only, or the others only."""
+    weights = model.default_exit_weights()
+    final_only = torch.zeros_like(weights)
+    final_only[-1] = 1.0
+    if scheme == "single_exit" or (scheme == "two_stage" and stage == 1):
+        return final_only
+    if scheme == "two_stage":
+        others = weights.clone()
+        others[-1] = 0.0
+        return others / others.sum() if others.sum() > 0 else final_only
+    return weights
+
+
+def _param_groups(model: MultiExitModel, args: TrainingArguments, stage: int) -> list[dict[str, Any]]:
+    heads = {id(p) for p in model.exit_parameters()}
+    encoder = [p for p in model.parameters() if id(p) not in heads]
+    if args.scheme == "two_stage" and stage == 2:
+        final = {id(p) for p in model.exits[str(model.num_layers)].parameters()}
+        for p in encoder:
+            p.requires_grad_(False)
+        for p in model.exits[str(model.num_layers)].parameters():
+            p.requires_grad_(False)
+        return [{"params": [p for p in model.exit_parameters() if id(p) not in final], "lr": args.head_lr}]
+    return [
+        {"params": encoder, "lr": args.encoder_lr},
+        {"params": model.exit_parameters(), "lr": args.head_lr},
+    ]
+
+
+# ----- atomic checkpoints --------------------------------------------------------------------
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Write optimizer state as safetensors (tensors) plus JSON (hyper-parameters): nothing pickled."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().cpu().contiguous()
+        for index, slots in state["state"].items()
+        for name, value in slots.items()
+        if isinstance(value, torch.Tensor)
+    }
+    save_file(tensors, folder / OPTIMIZER_FILE)
+    (folder / "optimizer_groups.json").write_text(json.dumps(state["param_groups"]))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Restore what `save_optimizer` wrote."""
+    tensors = load_file(folder / OPTIMIZER_FILE)
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    groups = json.loads((folder / "optimizer_groups.json").read_text())
+    optimizer.load_state_dict({"state": slots, "param_groups": groups})
+
+
+def _write_checkpoint(model: MultiExitModel, optimizer: Any, loop_state: dict[str, Any], target: Path) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging / "model")
+        save_optimizer(optimizer, staging)
+        (staging / STATE_FILE).write_text(json.dumps(loop_state, indent=2))
+        replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----- the loop ------------------------------------------------------------------------------
+def train(
+    model: MultiExitModel,
+    train_data: TextDataset,
+    validation_data: TextDataset,
+    args: TrainingArguments,
+    console: Console | None = None,
+) -> TrainingResult:
+    """Train `model` on `train_data`, evaluating every exit on `validation_data` after each epoch.
+
+    Returns the best model's folder (`OUTPUT/best`, chosen on the validation metric: mean over exits
+    for multi-exit schemes, final exit for `single_exit`) and the per-epoch history.
+    """
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+    )
+    console = console or Console(stderr=True)
+    main = accelerator.is_main_process
+    output = Path(args.output_dir)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+    checkpoint = output / CHECKPOINT
+    loop_state: dict[str, Any] = {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "best": -math.inf,
+        "history": [],
+        "args": asdict(args),
+    }
+    if args.resume:
+        if not (checkpoint / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint} to resume from")
+        loop_state = json.loads((checkpoint / STATE_FILE).read_text())
+        saved = MultiExitModel.from_pretrained(checkpoint / "model")
+        model.load_state_dict(saved.state_dict())
+        if main:
+            console.print(
+                f"resuming from {checkpoint} at epoch {loop_state['epoch'] + 1}, step {loop_state['global_step']}"
+            )
+    set_seed(args.seed + loop_state["global_step"])
+    tokenizer = model.tokenizer
+    task = model.config.problem_type
+    metric_name = primary_metric_name(task)
+    loader = accelerator.prepare(make_loader(train_data, tokenizer, args.max_length, args.batch_size, True, args.seed))
+    eval_loader = accelerator.prepare(
+        make_loader(validation_data, tokenizer, args.max_length, args.eval_batch_size, False)
+    )
+    steps_per_epoch = len(loader)  # per process
+    total_steps = math.ceil(args.epochs * steps_per_epoch)
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    stages = (1, 2) if args.scheme == "two_stage" else (1,)
+    stage_steps = math.ceil(total_steps / len(stages))
+
+    for stage in stages:
+        stage_start = (stage - 1) * stage_steps
+        stage_end = min(total_steps, stage * stage_steps)
+        if loop_state["global_step"] >= stage_end:
+            continue
+        model.train()
+        optimizer = torch.optim.AdamW(_param_groups(model, args, stage), weight_decay=args.weight_decay)
+        warmup = max(1, int(args.warmup_ratio * (stage_end - stage_start)))
+
+        done = loop_state["global_step"] - stage_start if args.resume and loop_state.get("stage", 1) == stage else 0
+
+        def schedule(step: int, warmup: int = warmup, length: int = stage_end - stage_start, done: int = done) -> float:
+            step += done  # a resumed run picks the schedule up where it stopped
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (length - step) / max(1, length - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        if done and (checkpoint / OPTIMIZER_FILE).is_file():
+            load_optimizer(optimizer, checkpoint)
+        # The scheduler stays unprepared: it steps once per optimizer step whatever the process count.
+        ddp_model, optimizer = accelerator.prepare(model, optimizer)
+        weights = stage_exit_weights(model, args.scheme, stage).to(accelerator.device)
+        progress = tqdm(
+            total=stage_end - stage_start,
+            initial=loop_state["global_step"] - stage_start,
+            desc=f"training ({args.scheme}{', stage ' + str(stage) if len(stages) > 1 else ''})",
+            disable=not main,
+        )
+        while loop_state["global_step"] < stage_end:
+            epoch = loop_state["epoch"]
+            loader.set_epoch(epoch)  # the shuffle order depends on seed and epoch only, so a resume replays it
+            skip = loop_state["step_in_epoch"]
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            ddp_model.train()
+            for batch in batches:
+                out = ddp_model(**batch, exit_weights=weights)
+                accelerator.backward(out.loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                loop_state["global_step"] += 1
+                loop_state["step_in_epoch"] += 1
+                loop_state["stage"] = stage
+                progress.update(1)
+                progress.set_postfix(loss=f"{out.loss.item():.4f}")
+                if loop_state["global_step"] % args.save_steps == 0:
+                    _checkpoint(accelerator, model, optimizer, loop_state, checkpoint)
+                if loop_state["global_step"] >= stage_end:
+                    break
+            if loop_state["step_in_epoch"] >= steps_per_epoch or loop_state["global_step"] >= total_steps:
+                _end_of_epoch(accelerator, model, eval_loader, loop_state, args, output, metric_name, console)
+                _checkpoint(accelerator, model, optimizer, loop_state, checkpoint)
+        progress.close()
+    accelerator.wait_for_everyone()
+    return TrainingResult(best_dir=output / BEST, best_metric=loop_state["best"], history=loop_state["history"])
+
+
+def _checkpoint(
+    accelerator: Accelerator, model: MultiExitModel, optimizer: Any, loop_state: dict, target: Path
+) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_checkpoint(accelerator.unwrap_model(model), optimizer, loop_state, target)
+    accelerator.wait_for_everyone()
+
+
+def _end_of_epoch(
+    accelerator: Accelerator,
+    model: MultiExitModel,
+    eval_loader: DataLoader,
+    loop_state: dict[str, Any],
+    args: TrainingArguments,
+    output: Path,
+    metric_name: str,
+    console: Console,
+) -> None:
+    logits, labels = collect_exit_logits(model, eval_loader, accelerator)
+    metrics = per_exit_metrics(logits, labels, model.config.problem_type)
+    mean = sum(m[metric_name] for m in metrics) / len(metrics)
+    score = metrics[-1][metric_name] if args.scheme == "single_exit" else mean
+    epoch = loop_state["epoch"] + 1
+    loop_state["history"].append({"epoch": epoch, "exit_metrics": metrics, "mean": mean})
+    loop_state["epoch"] = epoch
+    loop_state["step_in_epoch"] = 0
+    if accelerator.is_main_process:
+        console.print(exit_table(model.exit_layers, metrics, title=f"validation after epoch {epoch}"))
+        if score > loop_state["best"]:
+            loop_state["best"] = score
+            accelerator.unwrap_model(model).save_pretrained(output / BEST)
+            console.print(f"new best {metric_name} {score:.2f}: saved {output / BEST}")
+    loop_state["best"] = max(loop_state["best"], score)
+    model.train()

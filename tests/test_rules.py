@@ -1,0 +1,118 @@
+"""Exit rules on hand-made logits where the right exit is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from badge import ExitPolicy
+from badge.rules import PolicyError, divergence, log_distribution, names, simulate
+
+SINGLE = "single_label_classification"
+LAYERS = [1, 2, 3, 4]
+
+
+def logits_from_probs(*rows: list[list[float]]) -> torch.Tensor:
+    """(N, E, K) logits whose softmax gives the given probabilities per exit."""
+    return torch.tensor(rows, dtype=torch.float32).log()
+
+
+def exits(policy: ExitPolicy, logits: torch.Tensor, labels: torch.Tensor | None = None) -> list[int]:
+    """1-based exit layer of each sample."""
+    return [LAYERS[p] for p in simulate(logits, policy, SINGLE, LAYERS, labels).tolist()]
+
+
+UNSURE = [0.5, 0.5]
+SURE = [0.02, 0.98]
+# Sample 0 is confident from exit 2; sample 1 flips its answer until exit 3; sample 2 never settles.
+LOGITS = logits_from_probs(
+    [UNSURE, SURE, SURE, SURE],
+    [[0.9, 0.1], [0.1, 0.9], [0.15, 0.85], [0.12, 0.88]],
+    [[0.8, 0.2], [0.2, 0.8], [0.8, 0.2], [0.2, 0.8]],
+)
+
+
+def test_registry_lists_every_rule() -> None:
+    assert {"dge", "entropy", "maxprob", "patience", "pcee", "static", "oracle"} <= set(names())
+
+
+def test_entropy_and_maxprob_leave_at_the_first_confident_exit() -> None:
+    assert exits(ExitPolicy("entropy", tau=0.2), LOGITS) == [2, 4, 4]
+    assert exits(ExitPolicy("maxprob", tau=0.95), LOGITS) == [2, 4, 4]
+    assert exits(ExitPolicy("maxprob", tau=0.85), LOGITS) == [2, 1, 4]  # 0.9 at exit 1
+
+
+def test_dge_waits_for_consecutive_exits_that_agree() -> None:
+    # Sample 0: exits 2 and 3 are identical -> divergence 0 at exit 3.
+    # Sample 1: exit 3 vs exit 2 differ slightly (JSD ~ 0.002) -> leaves at 3 with tau 0.01.
+    assert exits(ExitPolicy("dge", tau=0.01, patience=1), LOGITS) == [3, 3, 4]
+    assert exits(ExitPolicy("dge", tau=0.01, patience=2), LOGITS) == [4, 4, 4]
+    assert exits(ExitPolicy("dge", tau=1e-9, patience=1), LOGITS) == [3, 4, 4]
+
+
+def test_dge_with_argmax_divergence_is_pabee() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(200, 6, 3) * 2
+    layers = list(range(1, 7))
+    for patience in (1, 2, 3):
+        dge = simulate(logits, ExitPolicy("dge", tau=0.5, patience=patience, divergence="argmax"), SINGLE, layers)
+        pabee = simulate(logits, ExitPolicy("patience", patience=patience), SINGLE, layers)
+        assert torch.equal(dge, pabee)
+
+
+def test_patience_pcee_static_and_oracle() -> None:
+    assert exits(ExitPolicy("patience", patience=1), LOGITS) == [3, 3, 4]
+    assert exits(ExitPolicy("pcee", tau=0.2, patience=2), LOGITS) == [3, 4, 4]
+    assert exits(ExitPolicy("static:2"), LOGITS) == [2, 2, 2]
+    assert exits(ExitPolicy("oracle"), LOGITS, labels=torch.tensor([1, 1, 0])) == [2, 2, 1]
+    with pytest.raises(PolicyError, match="needs labels"):
+        exits(ExitPolicy("oracle"), LOGITS)
+
+
+def test_a_sample_that_never_meets_the_rule_leaves_at_the_last_layer() -> None:
+    never = logits_from_probs([UNSURE, UNSURE, UNSURE, UNSURE])
+    for policy in (ExitPolicy("entropy", tau=0.1), ExitPolicy("maxprob", tau=0.99), ExitPolicy("full")):
+        assert exits(policy, never) == [4]
+
+
+def test_divergences_are_stable_for_near_one_hot_distributions() -> None:
+    p = log_distribution(torch.tensor([[60.0, -60.0]]), SINGLE)
+    q = log_distribution(torch.tensor([[-60.0, 60.0]]), SINGLE)
+    same = divergence(p, p, "jsd")
+    assert same.item() == 0.0
+    opposite = divergence(p, q, "jsd")
+    assert math.isclose(opposite.item(), math.log(2), rel_tol=1e-5)  # JSD's maximum
+    for kind in ("kl", "rkl", "skl"):
+        value = divergence(p, q, kind)
+        assert torch.isfinite(value).all() and value.item() > 100.0  # ~120 nats apart
+    # xjsd adds the mean entropy, zero for one-hot distributions.
+    assert math.isclose(divergence(p, q, "xjsd").item(), math.log(2), rel_tol=1e-5)
+    jsd_swapped = divergence(q, p, "jsd")
+    assert torch.allclose(opposite, jsd_swapped)
+
+
+def test_regression_and_multi_label_variants() -> None:
+    values = torch.tensor([[[0.0], [1.0], [1.05], [1.06]]])
+    positions = simulate(values, ExitPolicy("dge", tau=0.1), "regression", LAYERS)
+    assert positions.tolist() == [2]  # |1.05 - 1.0| < 0.1 at the third exit
+    multi = torch.tensor([[[0.0, 0.0], [8.0, -8.0], [8.0, -8.0], [8.0, -8.0]]])
+    assert simulate(multi, ExitPolicy("dge", tau=0.01), "multi_label_classification", LAYERS).tolist() == [2]
+    assert simulate(multi, ExitPolicy("entropy", tau=0.1), "multi_label_classification", LAYERS).tolist() == [1]
+    with pytest.raises(PolicyError, match="regression"):
+        simulate(values, ExitPolicy("entropy", tau=0.1), "regression", LAYERS)
+
+
+def test_bad_policies_are_refused_with_the_bad_value_named() -> None:
+    with pytest.raises(PolicyError, match="unknown exit rule 'entropi'"):
+        ExitPolicy("entropi")
+    with pytest.raises(PolicyError, match="tau 1.5"):
+        ExitPolicy("entropy", tau=1.5)
+    with pytest.raises(PolicyError, match="patience 0"):
+        ExitPolicy("dge", patience=0)
+    with pytest.raises(PolicyError, match="divergence 'hellinger'"):
+        ExitPolicy("dge", divergence="hellinger")
+    with pytest.raises(PolicyError, match="static:3"):
+        ExitPolicy("static:x")
+    assert ExitPolicy.from_dict({"rule": "static:3"}).to_dict() == {"rule": "static", "k": 3}

@@ -1,0 +1,137 @@
+"""Training: exits learn, schemes differ as named, checkpoints resume, and two processes work."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from badge import MultiExitModel
+from badge.data import load_file
+from badge.evaluation import make_loader
+from badge.training import TrainingArguments, scheme_model_options, stage_exit_weights, train
+
+
+def exit_losses(model: MultiExitModel, dataset) -> torch.Tensor:
+    loader = make_loader(dataset, model.tokenizer, 32, 256, shuffle=False)
+    model.eval()
+    with torch.no_grad():
+        batch = next(iter(loader))
+        return model(**batch).exit_losses
+
+
+@pytest.fixture
+def data(review_files):
+    return {split: load_file(path) for split, path in review_files.items()}
+
+
+def fast_args(tmp_path, **overrides) -> TrainingArguments:
+    settings = {"epochs": 2, "batch_size": 16, "encoder_lr": 2e-3, "head_lr": 5e-3, "max_length": 32, "save_steps": 5}
+    return TrainingArguments(output_dir=str(tmp_path / "run"), **{**settings, **overrides})
+
+
+def test_training_lowers_every_exits_loss_and_keeps_the_best_model(tiny_encoder, data, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = MultiExitModel.from_encoder(tiny_encoder, label_names=data["train"].label_names)
+    before = exit_losses(model, data["train"])
+    result = train(model, data["train"], data["validation"], fast_args(tmp_path))
+    after = exit_losses(model, data["train"])
+    assert (after < before).all(), f"per-exit losses before {before.tolist()} after {after.tolist()}"
+    assert len(result.history) == 2 and len(result.history[0]["exit_metrics"]) == model.num_layers
+    best = MultiExitModel.from_pretrained(result.best_dir)
+    assert best.label_names == ["negative", "positive"]
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["global_step"] == 32 and state["epoch"] == 2
+
+
+def test_same_seed_gives_the_same_model(tiny_encoder, data, tmp_path) -> None:
+    weights = []
+    for run in ("a", "b"):
+        torch.manual_seed(0)
+        model = MultiExitModel.from_encoder(tiny_encoder, label_names=data["train"].label_names)
+        train(model, data["train"], data["validation"], fast_args(tmp_path / run, epochs=1))
+        weights.append(model.exits["4"].out.weight.clone())
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_resume_continues_an_interrupted_run(tiny_encoder, data, tmp_path, monkeypatch) -> None:
+    import badge.training
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies just before its first end-of-epoch evaluation
+
+    torch.manual_seed(0)
+    model = MultiExitModel.from_encoder(tiny_encoder, label_names=data["train"].label_names)
+    with monkeypatch.context() as patch:
+        patch.setattr(badge.training, "_end_of_epoch", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train(model, data["train"], data["validation"], fast_args(tmp_path))
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["global_step"] == 15 and state["step_in_epoch"] == 15  # last checkpoint (every 5 steps)
+    saved = MultiExitModel.from_pretrained(tmp_path / "run" / "checkpoint" / "model")
+    fresh = MultiExitModel.from_encoder(tiny_encoder, label_names=data["train"].label_names)
+    result = train(fresh, data["train"], data["validation"], fast_args(tmp_path, resume=True, epochs=2))
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["global_step"] == 32 and [h["epoch"] for h in result.history] == [1, 2]
+    assert not torch.equal(fresh.exits["1"].out.weight, saved.exits["1"].out.weight)  # it kept training
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(fresh, data["train"], data["validation"], fast_args(tmp_path / "other", resume=True))
+
+
+def test_schemes_set_bypasses_and_loss_weights(tiny_encoder, data, tmp_path) -> None:
+    assert scheme_model_options("joint") == {"use_bypass": False, "gamma": 1.0}
+    model = MultiExitModel.from_encoder(tiny_encoder, label_names=["negative", "positive"])
+    assert stage_exit_weights(model, "two_stage", 1).tolist() == [0, 0, 0, 1]
+    second = stage_exit_weights(model, "two_stage", 2)
+    assert second[-1] == 0 and torch.isclose(second.sum(), torch.tensor(1.0))
+    assert torch.allclose(stage_exit_weights(model, "bb", 1), torch.tensor([1, 2, 3, 4]) / 10)
+    # Two-stage: the second stage trains only the intermediate exits, so the backbone is untouched by it.
+    joint = MultiExitModel.from_encoder(
+        tiny_encoder, label_names=["negative", "positive"], **scheme_model_options("joint")
+    )
+    train(joint, data["train"], data["validation"], fast_args(tmp_path, scheme="two_stage", epochs=2))
+    assert all(not p.requires_grad for p in joint.encoder.parameters())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test")
+def test_two_process_training_with_gloo(tiny_encoder, review_files, tmp_path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "badge.cli",
+        "train",
+        "--encoder",
+        str(tiny_encoder),
+        "--train",
+        str(review_files["train"]),
+        "--validation",
+        str(review_files["validation"]),
+        "--output",
+        str(tmp_path / "ddp"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["global_step"] == 16  # 256 rows / (8 per step x 2 processes)
+    assert MultiExitModel.from_pretrained(tmp_path / "ddp" / "best").num_layers == 4
