@@ -202,14 +202,18 @@ def sweep(
 
 # ----- wall-clock ----------------------------------------------------------------------------
 def length_sorted_batches(encoded: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Split right-padded inputs (N, T) into batches of similar length, each trimmed to its longest row."""
+    """Split right-padded inputs (N, T) into batches of similar length, each trimmed to its longest row.
+
+    One-dimensional entries (labels) are split along with them."""
     lengths = encoded["attention_mask"].sum(dim=1)
     order = torch.argsort(lengths, stable=True)
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         width = int(lengths[rows].max())
-        batches.append({key: value[rows, :width] for key, value in encoded.items() if value is not None})
+        batches.append(
+            {key: value[rows, :width] if value.dim() == 2 else value[rows] for key, value in encoded.items()}
+        )
     return batches
 
 

@@ -1,0 +1,99 @@
+"""Wall-clock speedup of the early-exit engine against the plain Hugging Face model, next to the layer speedup.
+
+    python benchmarks/speed.py runs/quickstart/best --dataset rotten-tomatoes --split test
+
+For each batch size the same examples run through the plain model (all layers, final classifier)
+and through the engine with the model's stored exit policy (or --rule/--tau/...), alternating,
+`--repeats` times; the reported speedup is the median of the per-repeat ratios. Writes a Markdown
+table (default benchmarks/SPEED.md) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+import transformers
+
+from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
+from badge.data import load_named_dataset
+from badge.evaluation import encode_padded, length_sorted_batches, time_policy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--dataset", default="rotten-tomatoes")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--samples", type=int, default=512, help="examples timed (a seeded sample of the split)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--rule", default=None, help="override the stored exit policy's rule")
+    parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--patience", type=int, default=None)
+    parser.add_argument("--divergence", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/SPEED.md"))
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = MultiExitModel.from_pretrained(args.model_dir).eval()
+    policy = (
+        ExitPolicy(args.rule, tau=args.tau, patience=args.patience, divergence=args.divergence)
+        if args.rule
+        else ExitPolicy.from_dict(model.config.exit_policy)
+    )
+    dataset = load_named_dataset(args.dataset, seed=args.seed)[args.split]
+    inputs, labels = encode_padded(dataset, model.tokenizer, args.max_length)
+    sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
+    inputs = {key: value[sample] for key, value in inputs.items()}
+    labels = labels[sample]
+
+    full = EarlyExitEngine(model, ExitPolicy("full"), batch_size=64).run(**inputs)
+    early = EarlyExitEngine(model, policy, batch_size=64).run(**inputs)
+    accuracy_full = 100 * (torch.tensor(full.labels) == labels).float().mean().item()
+    accuracy_early = 100 * (torch.tensor(early.labels) == labels).float().mean().item()
+    layer_speedup = model.num_layers / early.exit_layers.float().mean().item()
+
+    rows = []
+    for batch_size in args.batch_sizes:
+        batches = length_sorted_batches(inputs, batch_size)
+        timing = time_policy(model, policy, batches, repeats=args.repeats)
+        rows.append((batch_size, timing))
+        print(f"batch {batch_size}: plain {timing.plain_s:.3f}s engine {timing.engine_s:.3f}s -> {timing.speedup:.2f}x")
+
+    lines = [
+        f"# Wall-clock vs layer speedup: {args.model_dir} on {args.dataset} {args.split}",
+        "",
+        f"Policy `{policy}`; {len(labels)} examples (seed {args.seed}), max length {args.max_length}; "
+        f"accuracy full model {accuracy_full:.2f}, early exit {accuracy_early:.2f}; "
+        f"mean exit layer {early.exit_layers.float().mean():.2f} of {model.num_layers}, "
+        f"layer speedup {layer_speedup:.2f}x.",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}. "
+        f"Speedup = median over {args.repeats} repeats of (plain time / engine time) on the same batches.",
+        "",
+        "| batch size | plain HF (s) | early exit (s) | wall-clock speedup | layer speedup | wall-clock / layer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for batch_size, timing in rows:
+        lines.append(
+            f"| {batch_size} | {timing.plain_s:.3f} | {timing.engine_s:.3f} | {timing.speedup:.2f}x "
+            f"| {layer_speedup:.2f}x | {timing.speedup / layer_speedup:.2f} |"
+        )
+    spread = statistics.pstdev([t.speedup for _, t in rows]) if len(rows) > 1 else 0.0
+    lines.append("")
+    lines.append(f"Spread of the speedup across batch sizes: {spread:.2f}.")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
