@@ -37,7 +37,7 @@ Task = Enum("Task", {name: name for name in TASKS}, type=str)
 
 QUICKSTART_DATASET = "rotten-tomatoes"
 QUICKSTART_OPTIONS = {"epochs": 2.0, "batch_size": 16, "encoder_lr": 5e-5, "head_lr": 1e-3, "max_length": 64}
-QUICKSTART_RULE = "dge"
+QUICKSTART_RULE = "entropy"  # best (with maxprob, its equal on two classes) on validation sweeps
 QUICKSTART_MAX_DROP = 1.0
 QUICKSTART_TRAIN_SAMPLES = 6000  # keeps the run near 6 minutes on 2 CPU cores
 

@@ -153,25 +153,38 @@ def pareto_front(points: list[SweepPoint]) -> list[SweepPoint]:
     return sorted(front, key=lambda p: p.layer_speedup)
 
 
-def metric_at_speedup(front: list[SweepPoint], target: float) -> float | None:
-    """Metric at `target` layer speedup, interpolated linearly along a front; None if the curve never gets there."""
-    if not front or front[-1].layer_speedup < target:
-        return None
-    for left, right in itertools.pairwise(front):
-        if left.layer_speedup <= target <= right.layer_speedup:
-            span = right.layer_speedup - left.layer_speedup
-            share = 0.0 if span == 0 else (target - left.layer_speedup) / span
-            return left.metric + share * (right.metric - left.metric)
-    return front[0].metric if front[0].layer_speedup >= target else None
+def anchored_curve(front: list[SweepPoint], full_metric: float) -> list[tuple[float, float]]:
+    """(layer speedup, metric) along a front, starting at the full model (1x, its metric)."""
+    return [(1.0, full_metric)] + [(p.layer_speedup, p.metric) for p in front if p.layer_speedup > 1.0]
 
 
-def area_under_curve(front: list[SweepPoint], num_layers: int) -> float:
-    """Area under metric vs saved fraction, from the full model (0) to the curve's last point, divided by the
-    widest possible saving (1 - 1/L); a curve that cannot save much gets a small area."""
-    xs = [p.saved_fraction for p in front]
-    ys = [p.metric for p in front]
-    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:], strict=False))
-    return area / (1.0 - 1.0 / num_layers)
+def metric_at_speedup(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Metric at `target` layer speedup, interpolated linearly along a curve; None if it never gets there."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
+        if x0 <= target <= x1:
+            share = 0.0 if x1 == x0 else (target - x0) / (x1 - x0)
+            return y0 + share * (y1 - y0)
+    return None
+
+
+AUC_MAX_SPEEDUP = 3.0
+
+
+def area_under_curve(curve: list[tuple[float, float]], max_speedup: float = AUC_MAX_SPEEDUP) -> float:
+    """Area under metric vs saved fraction (1 - 1/speedup) from the full model to `max_speedup`, divided
+    by that width: the mean metric over the range, in metric points. Past its last point a curve adds
+    nothing, so a rule that cannot reach the range's end scores lower."""
+    end = 1.0 - 1.0 / max_speedup
+    points = [(1.0 - 1.0 / speedup, metric) for speedup, metric in curve]
+    area = 0.0
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 >= end:
+            break
+        if x1 > end:  # cut the last segment at the range's end
+            y1 = y0 + (y1 - y0) * (end - x0) / (x1 - x0)
+            x1 = end
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / end
 
 
 def sweep(
@@ -189,13 +202,13 @@ def sweep(
     points = [evaluate_policy(exit_logits, labels, policy, model, costs, curve) for curve, policy in policies]
     result = SweepResult(primary_metric_name(task), model.num_layers, full.metric, points)
     for curve in dict.fromkeys(p.curve for p in points):
-        front = pareto_front([full] + [p for p in points if p.curve == curve])
+        line = anchored_curve(pareto_front([p for p in points if p.curve == curve]), full.metric)
         result.summaries[curve] = {
-            "auc": area_under_curve(front, model.num_layers),
-            "metric_at_1.5x": metric_at_speedup(front, 1.5),
-            "metric_at_2x": metric_at_speedup(front, 2.0),
-            "metric_at_3x": metric_at_speedup(front, 3.0),
-            "max_speedup": front[-1].layer_speedup,
+            "auc": area_under_curve(line),
+            "metric_at_1.5x": metric_at_speedup(line, 1.5),
+            "metric_at_2x": metric_at_speedup(line, 2.0),
+            "metric_at_3x": metric_at_speedup(line, 3.0),
+            "max_speedup": line[-1][0],
         }
     return result
 
@@ -352,11 +365,9 @@ def write_sweep(result: SweepResult, folder: Path, title: str = "early-exit trad
     paths["markdown"].write_text(sweep_markdown(result, title))
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for curve in result.summaries:
-        front = pareto_front([p for p in result.points if p.curve == curve])
+        line = anchored_curve(pareto_front([p for p in result.points if p.curve == curve]), result.full_metric)
         style = "--" if curve == "oracle" else "-"
-        xs = [1.0] + [p.layer_speedup for p in front]
-        ys = [result.full_metric] + [p.metric for p in front]
-        axis.plot(xs, ys, style, marker="o", markersize=3, label=curve)
+        axis.plot(*zip(*line, strict=True), style, marker="o", markersize=3, label=curve)
     axis.set_xlabel("layer speedup (L / mean exit layer)")
     axis.set_ylabel(result.metric_name)
     axis.set_title(title)
