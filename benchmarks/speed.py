@@ -20,7 +20,7 @@ import transformers
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import load_named_dataset
-from badge.evaluation import encode_padded, length_sorted_batches, time_policy
+from badge.evaluation import encode_padded, time_policy
 
 
 def main() -> None:
@@ -63,8 +63,7 @@ def main() -> None:
 
     rows = []
     for batch_size in args.batch_sizes:
-        batches = length_sorted_batches(inputs, batch_size)
-        timing = time_policy(model, policy, batches, repeats=args.repeats)
+        timing = time_policy(model, policy, inputs, batch_size, repeats=args.repeats)
         rows.append((batch_size, timing))
         print(f"batch {batch_size}: plain {timing.plain_s:.3f}s engine {timing.engine_s:.3f}s -> {timing.speedup:.2f}x")
 

@@ -100,3 +100,21 @@ def test_default_policy_comes_from_the_model_and_calls_can_override_it(model) ->
     model.config.exit_policy = {"rule": "static", "k": 1}
     assert str(EarlyExitEngine(model).policy) == "static(k=1)"
     assert EarlyExitEngine(model, ExitPolicy("entropy", tau=0.1)).policy.rule == "entropy"
+
+
+def test_survivors_wait_for_a_full_batch_so_deep_layers_do_not_run_on_a_few_rows(model, inputs, monkeypatch) -> None:
+    ids, mask = inputs
+    sizes: dict[int, list[int]] = {}
+    original = model.run_layer
+
+    def recording(layer, hidden, attention):
+        sizes.setdefault(layer, []).append(hidden.shape[0])
+        return original(layer, hidden, attention)
+
+    monkeypatch.setattr(model, "run_layer", recording)
+    engine = EarlyExitEngine(model, ExitPolicy("maxprob", tau=0.6), batch_size=8)
+    out = engine.run(ids, mask)
+    for layer, calls in sizes.items():
+        assert all(size == 8 for size in calls[:-1]), f"layer {layer} ran on batches {calls}"
+        assert sum(calls) == int((out.exit_layers >= layer).sum())
+    assert len(sizes[2]) < len(sizes[1])  # fewer, fuller calls once rows have left

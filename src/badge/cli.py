@@ -31,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long messages stay on one line in logs
 Scheme = Enum("Scheme", {name: name for name in SCHEMES}, type=str)
 Task = Enum("Task", {name: name for name in TASKS}, type=str)
 

@@ -1,9 +1,11 @@
 """Layer-by-layer early-exit inference with per-sample exits inside real batches.
 
 A batch runs one layer at a time. After each layer that carries an exit, the exit rule decides per
-row; rows that leave are recorded and dropped from the batch at once, so deeper layers run on fewer
-rows, and padding columns no row still needs are cut off. A sample's answer does not depend on its
-batch: the rule's state is per row, and padding is masked out of attention and pooling.
+row; rows that leave are recorded and dropped from the batch at once, and padding columns no row
+still needs are cut off. Survivors wait in a pool for their next layer, which runs once the pool
+holds a full batch again (rows from later input batches join them), so deep layers do not run on
+ever-smaller batches. A sample's answer does not depend on its batch: the rule's state is per row,
+and padding is masked out of attention and pooling.
 """
 
 from __future__ import annotations
@@ -50,6 +52,50 @@ def trim_padding(attention_mask: torch.Tensor) -> int:
     return int(attention_mask.sum(dim=1).max().item())
 
 
+@dataclass
+class _Rows:
+    """Rows in flight between two layers: hidden states, mask, input row ids and the rule's per-row state."""
+
+    hidden: torch.Tensor  # (b, T, d)
+    mask: torch.Tensor  # (b, T)
+    rows: torch.Tensor  # (b,) positions in the run's inputs
+    state: dict[str, torch.Tensor]
+
+    def select(self, keep: torch.Tensor) -> _Rows:
+        """Keep rows (bool mask or indices) and cut padding columns no kept row needs."""
+        mask = self.mask[keep]
+        width = trim_padding(mask) if len(mask) else 0
+        return _Rows(self.hidden[keep][:, :width], mask[:, :width], self.rows[keep], select_rows(self.state, keep))
+
+
+def _count(groups: list[_Rows]) -> int:
+    return sum(len(group.rows) for group in groups)
+
+
+def _take(groups: list[_Rows], limit: int) -> _Rows:
+    """Merge waiting groups (right-padding to the widest) and take up to `limit` rows; the rest stays queued."""
+    width = max(group.hidden.shape[1] for group in groups)
+
+    def pad(tensor: torch.Tensor) -> torch.Tensor:
+        missing = width - tensor.shape[1]
+        if not missing:
+            return tensor
+        return torch.nn.functional.pad(tensor, (0, 0, 0, missing) if tensor.dim() == 3 else (0, missing))
+
+    merged = _Rows(
+        torch.cat([pad(group.hidden) for group in groups]),
+        torch.cat([pad(group.mask) for group in groups]),
+        torch.cat([group.rows for group in groups]),
+        {key: torch.cat([group.state[key] for group in groups]) for key in groups[0].state},
+    )
+    groups.clear()
+    count = len(merged.rows)
+    if count > limit:
+        groups.append(merged.select(torch.arange(limit, count)))
+        merged = merged.select(torch.arange(limit))
+    return merged
+
+
 class EarlyExitEngine:
     """Run a `MultiExitModel` with early exits, dropping rows from the batch as they leave.
 
@@ -92,75 +138,64 @@ class EarlyExitEngine:
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> EngineOutput:
-        """Classify right-padded inputs of shape (N, T) in batches of `batch_size`.
+        """Classify right-padded inputs of shape (N, T), at most `batch_size` rows per layer call.
 
+        Rows that leave make room: survivors wait in a pool per layer, and a layer runs once its pool
+        holds `batch_size` rows (or when no new input is left), so deep layers run on full batches too.
         `labels` (N,) are needed only by the `oracle` policy. `layers_run` grows by the number of
         (layer, row) evaluations performed.
         """
         if self.policy.needs_labels and labels is None:
             raise ValueError(f"policy {self.policy} needs labels")
+        backend = self.model
         n = input_ids.shape[0]
-        lengths = attention_mask.sum(dim=1)
-        order = torch.argsort(lengths, stable=True) if self.sort_by_length else torch.arange(n)
-        k = self.model.config.num_labels
-        out_logits = torch.zeros(n, k)
+        order = torch.argsort(attention_mask.sum(dim=1), stable=True) if self.sort_by_length else torch.arange(n)
+        step = self.policy.build(self.task, backend.exit_layers)
+        exit_positions = {layer: position for position, layer in enumerate(backend.exit_layers)}
+        last = backend.num_layers
+        out_logits = torch.zeros(n, self.model.config.num_labels)
         out_layers = torch.zeros(n, dtype=torch.long)
-        for start in range(0, n, self.batch_size):
-            rows = order[start : start + self.batch_size]
-            batch_labels = labels[rows] if labels is not None else None
-            types = token_type_ids[rows] if token_type_ids is not None else None
-            logits, layers = self._run_batch(input_ids[rows], attention_mask[rows], types, batch_labels)
-            out_logits[rows] = logits
-            out_layers[rows] = layers
+        pools: dict[int, list[_Rows]] = {layer: [] for layer in range(2, last + 1)}
+        next_row = 0
+        while True:
+            full = [layer for layer in range(last, 1, -1) if _count(pools[layer]) >= self.batch_size]
+            if full:
+                layer = full[0]
+                group = _take(pools[layer], self.batch_size)
+            elif next_row < n:
+                layer = 1
+                rows = order[next_row : next_row + self.batch_size]
+                next_row += len(rows)
+                width = trim_padding(attention_mask[rows])
+                types = token_type_ids[rows, :width] if token_type_ids is not None else None
+                hidden = backend.embed(input_ids[rows, :width], types)  # (b, T, d)
+                group = _Rows(hidden, attention_mask[rows, :width], rows, {})
+            else:  # no input left: drain the shallowest pool first, so its survivors fill the next one
+                waiting = [layer for layer in range(2, last + 1) if pools[layer]]
+                if not waiting:
+                    break
+                layer = waiting[0]
+                group = _take(pools[layer], self.batch_size)
+            attention = backend.attention_inputs(group.hidden, group.mask)
+            hidden = backend.run_layer(layer, group.hidden, attention)
+            self.layers_run += hidden.shape[0]
+            group = _Rows(hidden, group.mask, group.rows, group.state)
+            if layer in exit_positions:
+                logits = backend.exit_logits(layer, hidden, group.mask)  # (b, K)
+                self.exits_run += hidden.shape[0]
+                if layer == last:
+                    leave = torch.ones(hidden.shape[0], dtype=torch.bool)
+                else:
+                    row_labels = labels[group.rows] if labels is not None else None
+                    leave, state = step(logits, group.state, exit_positions[layer], row_labels)
+                    group = _Rows(hidden, group.mask, group.rows, state)
+                out_logits[group.rows[leave]] = logits[leave].float()
+                out_layers[group.rows[leave]] = layer
+                group = group.select(~leave)
+            if len(group.rows):
+                pools[layer + 1].append(group)
         predicted, probs = predictions_from_logits(out_logits, self.task)
         return EngineOutput(labels=predicted, probs=probs, exit_layers=out_layers, logits=out_logits)
-
-    def _run_batch(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        labels: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.model
-        width = trim_padding(attention_mask)
-        input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
-        if token_type_ids is not None:
-            token_type_ids = token_type_ids[:, :width]
-        b = input_ids.shape[0]
-        step = self.policy.build(self.task, model.exit_layers)
-        exit_positions = {layer: position for position, layer in enumerate(model.exit_layers)}
-        out_logits = torch.zeros(b, model.config.num_labels)
-        out_layers = torch.zeros(b, dtype=torch.long)
-        alive = torch.arange(b)  # original row of each running row
-        hidden = model.embed(input_ids, token_type_ids)  # (B, T, d)
-        attention = model.attention_inputs(hidden, attention_mask)
-        state: dict[str, torch.Tensor] = {}
-        for layer in range(1, model.num_layers + 1):
-            hidden = model.run_layer(layer, hidden, attention)
-            self.layers_run += hidden.shape[0]
-            if layer not in exit_positions:
-                continue
-            logits = model.exit_logits(layer, hidden, attention_mask)  # (b, K)
-            self.exits_run += hidden.shape[0]
-            if layer == model.num_layers:
-                leave = torch.ones(hidden.shape[0], dtype=torch.bool)
-            else:
-                row_labels = labels[alive] if labels is not None else None
-                leave, state = step(logits, state, exit_positions[layer], row_labels)
-            out_logits[alive[leave]] = logits[leave].float()
-            out_layers[alive[leave]] = layer
-            if bool(leave.all()):
-                break
-            if bool(leave.any()):
-                keep = ~leave
-                alive, hidden, attention_mask = alive[keep], hidden[keep], attention_mask[keep]
-                state = select_rows(state, keep)
-                width = trim_padding(attention_mask)
-                if width < hidden.shape[1]:
-                    hidden, attention_mask = hidden[:, :width], attention_mask[:, :width]
-                attention = model.attention_inputs(hidden, attention_mask)
-        return out_logits, out_layers
 
     def classify(
         self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, max_length: int = 128

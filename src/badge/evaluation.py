@@ -251,18 +251,22 @@ class Timing:
 def time_policy(
     model: MultiExitModel,
     policy: ExitPolicy,
-    batches: list[dict[str, torch.Tensor]],
+    inputs: dict[str, torch.Tensor],
+    batch_size: int,
     repeats: int = 5,
-    labels: list[torch.Tensor] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> Timing:
-    """Time the plain model and the early-exit engine on the same batches, alternating, `repeats` times.
+    """Time the plain model and the early-exit engine on the same inputs at the same batch size.
 
-    The speedup is the median of per-repeat ratios, so both sides of each ratio share the machine's
-    state at that moment.
+    The plain model runs length-sorted batches of `batch_size`; the engine gets all inputs with the
+    same `batch_size` (its most rows per layer call) and sorts them the same way. The two alternate
+    `repeats` times; the speedup is the median of per-repeat ratios, so both sides of each ratio
+    share the machine's state at that moment.
     """
     from badge.engine import EarlyExitEngine
 
-    engine = EarlyExitEngine(model, policy, batch_size=max(len(b["input_ids"]) for b in batches), sort_by_length=False)
+    batches = length_sorted_batches(inputs, batch_size)
+    engine = EarlyExitEngine(model, policy, batch_size=batch_size)
     plain_forward(model, batches[0])  # warm-up
     plain_times, engine_times, ratios = [], [], []
     for _ in range(repeats):
@@ -271,13 +275,7 @@ def time_policy(
             plain_forward(model, batch)
         plain = time.perf_counter() - start
         start = time.perf_counter()
-        for index, batch in enumerate(batches):
-            engine.run(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch.get("token_type_ids"),
-                labels[index] if labels is not None else None,
-            )
+        engine.run(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), labels)
         spent = time.perf_counter() - start
         plain_times.append(plain)
         engine_times.append(spent)
@@ -328,8 +326,6 @@ def run_sweep(
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randperm(len(labels), generator=generator)[:timing_samples]
     sampled = {key: value[sample] for key, value in inputs.items()}
-    batches = length_sorted_batches({**sampled, "labels": labels[sample]}, batch_size)
-    batch_labels = [batch.pop("labels") for batch in batches]
     chosen = result.points
     if timing == "front":
         front_ids = set()
@@ -339,7 +335,7 @@ def run_sweep(
     for point in tqdm(chosen, desc="timing"):
         policy = ExitPolicy.from_dict(point.policy)
         point.wallclock_speedup = time_policy(
-            model, policy, batches, repeats, batch_labels if policy.needs_labels else None
+            model, policy, sampled, batch_size, repeats, labels[sample] if policy.needs_labels else None
         ).speedup
     return result
 

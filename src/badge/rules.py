@@ -95,6 +95,8 @@ def _counter_step(signal: Callable[[Tensor, State], tuple[Tensor, State]], patie
 
     def step(logits: Tensor, state: State, position: int, labels: Tensor | None = None) -> tuple[Tensor, State]:
         hit, state = signal(logits, state)
+        if patience == 1:  # no counter needed; saves a few tensor ops per exit at batch size 1
+            return hit, state
         count = state.get("count", torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
         count = torch.where(hit, count + 1, torch.zeros_like(count))
         state = {**state, "count": count}
