@@ -436,19 +436,32 @@ def serve_command(
     max_wait_ms: Annotated[float, typer.Option(help="how long to wait for more requests to batch")] = 5.0,
     max_texts: Annotated[int, typer.Option(help="most texts in one request")] = 64,
     max_chars: Annotated[int, typer.Option(help="most characters in one text")] = 2000,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 1_000_000,
+    request_timeout_s: Annotated[float, typer.Option(help="a request still waiting after this gets a 504")] = 30.0,
+    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    rule: RuleOption = None,
+    tau: TauOption = None,
+    patience: PatienceOption = None,
+    divergence: DivergenceOption = None,
 ) -> None:
     """Serve the model over HTTP with dynamic batching and early exits (POST /v1/classify)."""
     from badge.serve import run_server
 
-    _load_model(model_dir)  # fail early, with a clear message, on a bad folder
+    model = _load_model(model_dir)
+    policy = _policy_override(rule, tau, patience, divergence)
+    if policy is not None:
+        model.config.exit_policy = policy.to_dict()  # the default for requests that name no policy
     run_server(
-        model_dir,
+        model,
         host=host,
         port=port,
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         max_texts=max_texts,
         max_chars=max_chars,
+        max_body_bytes=max_body_bytes,
+        request_timeout_s=request_timeout_s,
+        max_length=max_length,
     )
 
 
