@@ -118,3 +118,10 @@ def test_survivors_wait_for_a_full_batch_so_deep_layers_do_not_run_on_a_few_rows
         assert all(size == 8 for size in calls[:-1]), f"layer {layer} ran on batches {calls}"
         assert sum(calls) == int((out.exit_layers >= layer).sum())
     assert len(sizes[2]) < len(sizes[1])  # fewer, fuller calls once rows have left
+
+
+def test_left_padded_input_is_refused_with_a_clear_message(model) -> None:
+    ids = torch.tensor([[0, 0, 7, 8], [5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="right-padded"):
+        EarlyExitEngine(model, ExitPolicy("static:1")).run(ids, mask)

@@ -147,6 +147,10 @@ class EarlyExitEngine:
         """
         if self.policy.needs_labels and labels is None:
             raise ValueError(f"policy {self.policy} needs labels")
+        if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            raise ValueError(
+                "attention_mask must be right-padded (real tokens first); tokenise with padding_side='right'"
+            )
         backend = self.model
         n = input_ids.shape[0]
         order = torch.argsort(attention_mask.sum(dim=1), stable=True) if self.sort_by_length else torch.arange(n)
@@ -204,6 +208,7 @@ class EarlyExitEngine:
         tokenizer = self.model.tokenizer
         if tokenizer is None:
             raise ValueError("the model has no tokenizer: load it from a saved folder or set model.tokenizer")
+        tokenizer.padding_side = "right"  # the engine trims padding columns from the right
         encoded = tokenizer(
             list(texts),
             list(text_pairs) if text_pairs is not None else None,
