@@ -168,3 +168,53 @@ def test_bad_inputs_get_a_clear_error_and_exit_code_2(trained, tiny_encoder, rev
     assert result.exit_code == 2 and "unknown exit rule 'entropi'" in result.output
     result = runner.invoke(app, ["calibrate", str(best), "--data-missing"])
     assert result.exit_code != 0
+
+
+def test_export_then_evaluate_predict_with_the_onnx_engine(trained, review_files, tmp_path) -> None:
+    best, _ = trained
+    export = tmp_path / "onnx"
+    result = runner.invoke(app, ["export", str(best), str(export), "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    report = runner.invoke(app, ["evaluate", str(export), "--engine", "onnx", "--data", str(review_files["test"])])
+    assert report.exit_code == 0, report.output
+    assert "onnx" in report.output and "mean exit layer" in report.output
+    source = tmp_path / "in.csv"
+    source.write_text("text\nthe movie was great\ndull and boring plot\n")
+    onnx_out, torch_out = tmp_path / "onnx.jsonl", tmp_path / "torch.jsonl"
+    assert runner.invoke(app, ["predict", str(export), str(source), str(onnx_out), "--engine", "onnx"]).exit_code == 0
+    assert runner.invoke(app, ["predict", str(best), str(source), str(torch_out)]).exit_code == 0
+    onnx_rows = [json.loads(line) for line in onnx_out.read_text().splitlines()]
+    torch_rows = [json.loads(line) for line in torch_out.read_text().splitlines()]
+    assert [(r["label"], r["exit_layer"]) for r in onnx_rows] == [(r["label"], r["exit_layer"]) for r in torch_rows]
+    wrong = runner.invoke(app, ["predict", str(best), str(source), str(onnx_out), "--engine", "onnx"])
+    assert wrong.exit_code == 2 and "badge export" in wrong.output
+
+
+def test_evaluate_reports_the_int8_metric_next_to_the_float_one(trained, review_files) -> None:
+    best, _ = trained
+    result = runner.invoke(app, ["evaluate", str(best), "--quantize", "int8", "--data", str(review_files["test"])])
+    assert result.exit_code == 0, result.output
+    assert "torch int8" in result.output
+
+
+def test_prune_saves_a_smaller_model_that_reloads(trained, review_files, tmp_path) -> None:
+    best, _ = trained
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(best),
+            str(tmp_path / "pruned"),
+            "--heads",
+            "0.5",
+            "--validation",
+            str(review_files["validation"]),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    pruned = MultiExitModel.from_pretrained(tmp_path / "pruned")
+    original = MultiExitModel.from_pretrained(best)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in original.parameters())
+    kept = pruned.config.heads_kept.values()
+    assert sum(len(heads) for heads in kept) == 8 and all(heads for heads in kept)  # half of 4 x 4, ranked globally
+    assert runner.invoke(app, ["prune", str(best), str(tmp_path / "x"), "--heads", "1.5"]).exit_code == 2

@@ -277,8 +277,29 @@ def evaluate_command(
     timing: Annotated[str, typer.Option(help="time the wall-clock speedup of: front, all or none")] = "front",
     timing_samples: Annotated[int, typer.Option(help="examples timed per sweep point")] = 256,
     repeats: Annotated[int, typer.Option(help="timing repeats (the median is reported)")] = 5,
+    engine_name: EngineOption = "torch",
+    quantize: Annotated[str | None, typer.Option(help="int8: also run the torch model with int8 linear layers")] = None,
 ) -> None:
-    """Print every exit's metrics on a labelled split; with --sweep, the trade-off of every exit rule."""
+    """Print every exit's metrics on a labelled split; with --sweep, the trade-off of every exit rule.
+
+    With --engine onnx or --quantize int8, report the early-exit metric of the stored policy instead
+    (for --quantize, next to the float model's)."""
+    if engine_name == "onnx" or quantize is not None:
+        _engine_report(
+            model_dir,
+            engine_name,
+            quantize,
+            dataset,
+            split,
+            data,
+            text_column,
+            text_pair_column,
+            label_column,
+            max_length,
+            seed,
+            batch_size,
+        )
+        return
     model = _load_model(model_dir)
     evaluated, name = _labelled_split(model, dataset, split, data, text_column, text_pair_column, label_column, seed)
     if not sweep:
@@ -302,6 +323,135 @@ def evaluate_command(
     paths = write_sweep(result, folder, title=f"{model_dir.name} on {name}")
     console.print(paths["markdown"].read_text().split("\n\n| rule | policy")[0])
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _engine_report(
+    model_dir: Path,
+    engine_name: str,
+    quantize: str | None,
+    dataset: str | None,
+    split: str,
+    data: Path | None,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str,
+    max_length: int,
+    seed: int,
+    batch_size: int,
+) -> None:
+    """Metric, mean exit layer and layer speedup of the stored policy, per engine variant."""
+    from rich.table import Table
+
+    from badge.engine import EarlyExitEngine
+    from badge.evaluation import encode_padded
+    from badge.metrics import primary_metric_name, task_metrics
+    from badge.quantize import check_mode, quantize_torch
+
+    try:
+        check_mode(quantize)
+    except ValueError as error:
+        raise _fail(str(error)) from error
+    if quantize is not None and engine_name == "onnx":
+        raise _fail("--quantize applies to the torch engine; for ONNX use badge export --quantize int8")
+    engine = _load_engine(model_dir, engine_name, None, batch_size)
+    variants = [(engine_name, engine)]
+    if quantize is not None:
+        variants.append((f"torch {quantize}", EarlyExitEngine(quantize_torch(engine.model), batch_size=batch_size)))
+    evaluated, name = _labelled_split(
+        engine.model, dataset, split, data, text_column, text_pair_column, label_column, seed
+    )
+    inputs, labels = encode_padded(evaluated, engine.model.tokenizer, max_length)
+    task = engine.model.config.problem_type
+    metric = primary_metric_name(task)
+    table = Table(title=f"{model_dir} on {name}, policy {engine.policy}")
+    for column in ("engine", metric, "mean exit layer", "layer speedup"):
+        table.add_column(column, justify="right")
+    for label, variant in variants:
+        out = variant.run(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+        mean_layer = out.exit_layers.float().mean().item()
+        score = task_metrics(out.logits, labels, task)[metric]
+        table.add_row(label, f"{score:.2f}", f"{mean_layer:.2f}", f"{variant.model.num_layers / mean_layer:.2f}x")
+    console.print(table)
+
+
+@app.command("export")
+def export_command(
+    model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
+    out_dir: Annotated[Path, typer.Argument(help="folder for the ONNX graphs and manifest.json")],
+    format: Annotated[str, typer.Option("--format", help="export format (onnx)")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 quantisation of the layers")] = None,
+) -> None:
+    """Export as separate ONNX graphs (embeddings, each layer, each exit) that the ONNX engine runs layer by layer."""
+    from badge.onnx_engine import export_onnx
+
+    if format != "onnx":
+        raise _fail(f"--format {format!r}: only onnx is supported")
+    try:
+        folder = export_onnx(model_dir, out_dir, quantize=quantize)
+    except (CheckpointError, ValueError) as error:
+        raise _fail(str(error)) from error
+    console.print(f"[green]exported[/] {model_dir} to {folder}; run it with --engine onnx")
+
+
+@app.command("prune")
+def prune_command(
+    model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
+    out_dir: Annotated[Path, typer.Argument(help="folder for the pruned model")],
+    heads: Annotated[float, typer.Option(help="fraction of attention heads to remove")] = 0.3,
+    dataset: DatasetOption = None,
+    validation: Annotated[Path | None, typer.Option(help="labelled file to score head importance on")] = None,
+    train_file: TrainOption = None,
+    retrain_epochs: Annotated[float, typer.Option(help="epochs of re-training after pruning (0 = none)")] = 0.0,
+    text_column: TextColumn = "text",
+    text_pair_column: PairColumn = None,
+    label_column: LabelColumn = "label",
+    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Remove the least important attention heads (gradient importance on validation data, Michel et al. 2019),
+    optionally re-train, and save a model that reloads and early-exits like any other."""
+    from badge.pruning import head_importance, prune_heads
+
+    if not 0.0 < heads < 1.0:
+        raise _fail(f"--heads {heads} must lie strictly between 0 and 1")
+    model = _load_model(model_dir)
+    columns = (text_column, text_pair_column, label_column, seed)
+    importance = None
+    if dataset or validation:
+        tuning, name = _labelled_split(model, dataset, "validation", validation, *columns)
+        console.print(f"scoring head importance on {name} ({len(tuning)} examples)")
+        importance = head_importance(model, tuning, max_length=max_length)
+    else:
+        console.print("[yellow]no --dataset/--validation: ranking heads by weight norm instead of gradients[/]")
+    before = sum(p.numel() for p in model.parameters())
+    try:
+        prune_heads(model, heads, importance)
+    except ValueError as error:
+        raise _fail(str(error)) from error
+    after = sum(p.numel() for p in model.parameters())
+    console.print(f"kept heads per layer: {model.config.heads_kept}; parameters {before:,} -> {after:,}")
+    if retrain_epochs > 0:
+        splits = _load_data(
+            dataset,
+            train_file,
+            validation,
+            None,
+            text_column,
+            text_pair_column,
+            label_column,
+            model.config.problem_type,
+            seed,
+        )
+        args = TrainingArguments(
+            output_dir=str(out_dir) + ".run",
+            epochs=retrain_epochs,
+            max_length=max_length,
+            seed=seed,
+            scheme="bb" if model.config.use_bypass else "joint",
+        )
+        model = MultiExitModel.from_pretrained(train(model, splits["train"], splits["validation"], args).best_dir)
+    model.save_pretrained(out_dir)
+    console.print(f"[green]saved[/] the pruned model to {out_dir}")
 
 
 @app.command("calibrate")
@@ -381,6 +531,22 @@ def _policy_override(rule: str | None, tau: float | None, patience: int | None, 
 
 
 RuleOption = Annotated[str | None, typer.Option(help="exit rule overriding the model's stored policy")]
+EngineOption = Annotated[
+    str, typer.Option("--engine", help="torch (a saved model folder) or onnx (a folder written by badge export)")
+]
+
+
+def _load_engine(path: Path, engine: str, policy: ExitPolicy | None, batch_size: int):
+    from badge.onnx_engine import load_engine
+
+    if engine not in ("torch", "onnx"):
+        raise _fail(f"--engine {engine!r} is not one of torch, onnx")
+    try:
+        return load_engine(path, engine, policy, batch_size)
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from error
+
+
 TauOption = Annotated[float | None, typer.Option(help="threshold of --rule")]
 PatienceOption = Annotated[int | None, typer.Option(help="patience of --rule")]
 DivergenceOption = Annotated[str | None, typer.Option(help="divergence of --rule dge: jsd, kl, rkl, skl, xjsd")]
@@ -399,15 +565,15 @@ def predict_command(
     tau: TauOption = None,
     patience: PatienceOption = None,
     divergence: DivergenceOption = None,
+    engine_name: EngineOption = "torch",
 ) -> None:
     """Stream a large file through the early-exit engine in batches; memory stays constant."""
-    from badge.engine import EarlyExitEngine
     from badge.predict import predict_file
 
     if not source.is_file():
         raise _fail(f"input file {source} does not exist")
-    model = _load_model(model_dir)
-    engine = EarlyExitEngine(model, _policy_override(rule, tau, patience, divergence), batch_size=batch_size)
+    engine = _load_engine(model_dir, engine_name, _policy_override(rule, tau, patience, divergence), batch_size)
+    model = engine.model
     try:
         summary = predict_file(
             engine,
@@ -443,11 +609,12 @@ def serve_command(
     tau: TauOption = None,
     patience: PatienceOption = None,
     divergence: DivergenceOption = None,
+    engine_name: EngineOption = "torch",
 ) -> None:
     """Serve the model over HTTP with dynamic batching and early exits (POST /v1/classify)."""
     from badge.serve import run_server
 
-    model = _load_model(model_dir)
+    model = _load_engine(model_dir, engine_name, None, max_batch_size).model
     policy = _policy_override(rule, tau, patience, divergence)
     if policy is not None:
         model.config.exit_policy = policy.to_dict()  # the default for requests that name no policy

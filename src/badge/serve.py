@@ -393,6 +393,17 @@ def _prediction(output: EngineOutput, row: int, label_names: list[str], task: st
     return Prediction(label=label, label_id=label_id, probabilities=probabilities, exit_layer=exit_layer)
 
 
+def _load_servable(model_dir_or_model: str | os.PathLike | MultiExitModel):
+    """A loaded model, a saved model folder, or an ONNX export folder (served by ONNX Runtime)."""
+    if not isinstance(model_dir_or_model, (str, os.PathLike)):
+        return model_dir_or_model.eval()
+    from badge.onnx_engine import OnnxMultiExitModel, is_onnx_export
+
+    if is_onnx_export(model_dir_or_model):
+        return OnnxMultiExitModel(model_dir_or_model)
+    return MultiExitModel.from_pretrained(model_dir_or_model).eval()
+
+
 def create_app(
     model_dir_or_model: str | os.PathLike | MultiExitModel,
     *,
@@ -409,7 +420,8 @@ def create_app(
     """Build the HTTP app around a saved model folder (or a loaded `MultiExitModel` with a tokenizer).
 
     Args:
-        model_dir_or_model: a saved BADGE model folder, or a model whose `tokenizer` is set.
+        model_dir_or_model: a saved BADGE model folder, an ONNX export folder (`badge export`), or a
+            loaded model (`MultiExitModel` or `OnnxMultiExitModel`) whose `tokenizer` is set.
         max_batch_size: texts gathered into one engine call (also the engine's rows per layer call).
         max_wait_ms: how long a request waits for others to share its batch.
         max_texts: most texts in one request (more: 422).
@@ -428,10 +440,7 @@ def create_app(
         raise ValueError("max_batch_size, max_texts, max_chars, max_body_bytes and max_length must be >= 1")
     if max_wait_ms < 0 or request_timeout_s <= 0:
         raise ValueError(f"max_wait_ms {max_wait_ms} must be >= 0 and request_timeout_s {request_timeout_s} > 0")
-    if isinstance(model_dir_or_model, MultiExitModel):
-        model = model_dir_or_model.eval()
-    else:
-        model = MultiExitModel.from_pretrained(model_dir_or_model).eval()
+    model = _load_servable(model_dir_or_model)
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: serve a saved model folder, or set model.tokenizer")
     servable = [name for name in names() if name != "oracle"]

@@ -1,0 +1,158 @@
+"""ONNX export and the ONNX Runtime engine: the same exits, labels and probabilities as PyTorch; int8 keeps policy."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+from transformers import BertConfig
+
+from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
+from badge.onnx_engine import OnnxEarlyExitEngine, OnnxMultiExitModel, export_onnx, load_engine
+from badge.pruning import prune_heads
+from badge.quantize import quantize_torch
+
+POLICY = {"rule": "dge", "tau": 0.05}
+
+
+def spread_exits(model: MultiExitModel) -> MultiExitModel:
+    """Random exits answer alike everywhere; wider weights make rules fire at different layers."""
+    with torch.no_grad():
+        for head in model.exits.values():
+            head.out.weight.normal_(std=2.0)
+        for bypass in model.bypasses.values():
+            bypass.up.weight.normal_(std=0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_encoder) -> MultiExitModel:
+    """4 layers, exits after 1, 3 and 4 (layer 2 has none), mean pooling, a stored `dge` policy."""
+    torch.manual_seed(0)
+    built = MultiExitModel.from_encoder(
+        tiny_encoder, label_names=["negative", "neutral", "positive"], exit_layers=[1, 3], pooling="mean"
+    )
+    built.config.exit_policy = dict(POLICY)
+    return spread_exits(built)
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "export")
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """40 rows of 3 to 23 tokens, right-padded to 24."""
+    torch.manual_seed(1)
+    lengths = torch.randint(3, 24, (40,))
+    mask = (torch.arange(24)[None, :] < lengths[:, None]).long()
+    return torch.randint(5, 30, (40, 24)) * mask, mask
+
+
+def test_every_exit_of_the_export_gives_the_pytorch_logits(model, exported, inputs) -> None:
+    ids, mask = inputs
+    with torch.no_grad():
+        expected = model(ids, mask).exit_logits
+    graphs = OnnxMultiExitModel(exported)
+    hidden = graphs.embed(ids)
+    attention = graphs.attention_inputs(hidden, mask)
+    logits = []
+    for layer in range(1, graphs.num_layers + 1):
+        hidden = graphs.run_layer(layer, hidden, attention)
+        if layer in graphs.exit_layers:
+            logits.append(graphs.exit_logits(layer, hidden, mask))
+    assert graphs.exit_layers == model.exit_layers == [1, 3, 4]
+    for layer, onnx_logits, torch_logits in zip(graphs.exit_layers, logits, expected, strict=True):
+        torch.testing.assert_close(onnx_logits, torch_logits, atol=1e-4, rtol=1e-4, msg=f"exit {layer}")
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [ExitPolicy("dge", tau=0.05), ExitPolicy("entropy", tau=0.9), ExitPolicy("patience", patience=1), None],
+    ids=str,
+)
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_onnx_engine_answers_as_the_pytorch_engine(model, exported, inputs, policy, batch_size) -> None:
+    ids, mask = inputs
+    expected_engine = EarlyExitEngine(model, policy, batch_size=batch_size)
+    onnx_engine = OnnxEarlyExitEngine(exported, policy, batch_size=batch_size)
+    expected = expected_engine.run(ids, mask)
+    answered = onnx_engine.run(ids, mask)
+    assert answered.labels == expected.labels
+    assert torch.equal(answered.exit_layers, expected.exit_layers)
+    torch.testing.assert_close(answered.probs, expected.probs, atol=1e-4, rtol=0)
+    assert onnx_engine.layers_run == expected_engine.layers_run
+
+
+def test_export_folder_describes_itself_and_classifies_text(model, exported) -> None:
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["num_layers"] == 4 and manifest["exit_layers"] == [1, 3, 4]
+    assert manifest["labels"] == ["negative", "neutral", "positive"]
+    assert manifest["exit_policy"] == POLICY and manifest["pooling"] == "mean" and manifest["quantized"] is None
+    for name in [manifest["files"]["embeddings"], *manifest["files"]["layers"], *manifest["files"]["exits"].values()]:
+        onnx.checker.check_model(str(exported / name))
+    texts = ["a good film", "the plot was dull and the acting was very poor", "fun"]
+    expected = EarlyExitEngine(model).classify(texts)
+    answered = load_engine(exported).classify(texts)
+    assert answered.labels == expected.labels
+    assert torch.equal(answered.exit_layers, expected.exit_layers)
+
+
+def test_load_engine_picks_the_runtime_from_the_folder(model, exported, tmp_path) -> None:
+    model.save_pretrained(tmp_path / "saved")
+    assert type(load_engine(tmp_path / "saved")) is EarlyExitEngine
+    assert isinstance(load_engine(exported, engine="onnx", batch_size=4), OnnxEarlyExitEngine)
+    with pytest.raises(ValueError, match="is not an ONNX export"):
+        load_engine(tmp_path / "saved", engine="onnx")
+    with pytest.raises(ValueError, match="is an ONNX export"):
+        load_engine(exported, engine="torch")
+    with pytest.raises(ValueError, match="'tensorrt' is not one of"):
+        load_engine(exported, engine="tensorrt")
+
+
+def test_pruned_int8_export_keeps_the_exit_policy_and_stays_close(inputs, tmp_path) -> None:
+    torch.manual_seed(0)
+    backbone = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=80
+    )
+    model = MultiExitModel(MultiExitConfig(backbone=backbone.to_dict(), num_labels=2, exit_policy=POLICY))
+    prune_heads(spread_exits(model), 0.25)
+    folder = export_onnx(model, tmp_path / "int8", quantize="int8")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["quantized"] == "int8" and manifest["heads_kept"] == model.config.heads_kept
+    layer_ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
+    assert "MatMulInteger" in layer_ops  # int8 weights, activations quantised per batch
+    engine = load_engine(folder)
+    assert engine.policy == ExitPolicy(**POLICY)
+    ids, mask = inputs
+    answered = engine.run(ids, mask)
+    expected = EarlyExitEngine(model).run(ids, mask)
+    assert (torch.tensor(answered.labels) == torch.tensor(expected.labels)).float().mean() >= 0.9
+    assert (answered.probs - expected.probs).abs().max() < 0.05
+
+
+def test_quantize_torch_makes_an_int8_copy_that_early_exits(model, inputs) -> None:
+    quantized = quantize_torch(model)
+    encoder_linears = [
+        module
+        for name, module in quantized.named_modules()
+        if name.startswith("encoder.") and isinstance(module, (nn.Linear, Int8Linear))
+    ]
+    assert len(encoder_linears) == 4 * 6 and all(isinstance(module, Int8Linear) for module in encoder_linears)
+    assert isinstance(quantized.exits["4"].out, nn.Linear)  # exits stay float
+    assert isinstance(model.encoder.encoder.layer[0].attention.self.query, nn.Linear)  # the original is untouched
+    ids, mask = inputs
+    answered = EarlyExitEngine(quantized, batch_size=16).run(ids, mask)
+    expected = EarlyExitEngine(model, batch_size=16).run(ids, mask)
+    assert (torch.tensor(answered.labels) == torch.tensor(expected.labels)).float().mean() >= 0.9
+    assert (answered.probs - expected.probs).abs().max() < 0.05
+
+
+def test_unknown_quantisation_is_a_clear_error(model, tmp_path) -> None:
+    with pytest.raises(ValueError, match="quantize 'int4' is not one of"):
+        export_onnx(model, tmp_path / "x", quantize="int4")
