@@ -280,7 +280,9 @@ def onnx_full_engine(model_dir: Path):
     return lambda policy, batch_size: OnnxEarlyExitEngine(export_dir, policy, batch_size=batch_size)
 
 
-def wallclock(model_dir: Path, dataset: str, limit: int | None, repeats: int) -> dict:
+def wallclock(
+    model_dir: Path, dataset: str, limit: int | None, repeats: int, timed_examples: int = 512, timed_bs1: int = 200
+) -> dict:
     """Part 3: the rule with the best validation AUC, at its fastest setting within 1 point of the full
     model on validation (or its most accurate one if none is), timed on test."""
     model = MultiExitModel.from_pretrained(model_dir).eval()
@@ -295,7 +297,7 @@ def wallclock(model_dir: Path, dataset: str, limit: int | None, repeats: int) ->
     test_logits, test_labels, test_len = stored_logits(model_dir, dataset, "test", limit)
     on_test = sweep(model, test_logits, test_labels, test_len, [(rule, policy)])
     point = on_test.points[0]
-    data = subsample(load_named_dataset(dataset, seed=0)["test"], 512, 1)
+    data = subsample(load_named_dataset(dataset, seed=0)["test"], timed_examples, 1)
     inputs, _ = encode_padded(data, model.tokenizer, MAX_LENGTH[dataset])
     result = {
         "rule": rule,
@@ -306,10 +308,11 @@ def wallclock(model_dir: Path, dataset: str, limit: int | None, repeats: int) ->
         "metric_drop": on_test.full_metric - point.metric,
         "layer_speedup": point.layer_speedup,
         "timed_examples": len(data),
+        "timed_examples_bs1": min(timed_bs1, len(data)),
     }
     ort = onnx_full_engine(model_dir)
     for batch_size in (1, 32):
-        timed = inputs if batch_size > 1 else {key: value[:200] for key, value in inputs.items()}
+        timed = inputs if batch_size > 1 else {key: value[:timed_bs1] for key, value in inputs.items()}
         timing = time_policy(model, policy, timed, batch_size, repeats=repeats)
         result[f"speedup_vs_hf_bs{batch_size}"] = timing.speedup
         result[f"hf_seconds_bs{batch_size}"] = timing.plain_s
@@ -391,7 +394,7 @@ def write_report(results: dict) -> None:
             f"{clock['metric_early']:.2f} vs full {clock['metric_full']:.2f} (drop {clock['metric_drop']:.2f}), "
             f"layer speedup {clock['layer_speedup']:.2f}x. Median of per-repeat ratios over "
             f"{results['repeats']} repeats, "
-            f"{clock['timed_examples']} test examples (200 at batch 1).",
+            f"{clock['timed_examples']} test examples ({clock['timed_examples_bs1']} at batch 1).",
             "",
             "| batch size | vs plain HF (PyTorch) | vs full model in ONNX Runtime |",
             "|---|---|---|",
@@ -518,7 +521,7 @@ def main() -> None:
             best, dataset, plan["test_limit"], "mpnet-rotten-tomatoes"
         )
         results["wallclock_runs"]["MPNet-12 on rotten-tomatoes"] = wallclock(
-            best, dataset, plan["test_limit"], args.repeats
+            best, dataset, plan["test_limit"], args.repeats, timed_examples=256, timed_bs1=64
         )
     minilm_best = train_run(
         best_bb, minilm_dir(), dataset, seed, plan, scheme, options, plan["train_samples"], plan["epochs"]

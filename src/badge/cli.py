@@ -128,15 +128,14 @@ def run_training(
     )
     result = train(model, train_data, splits["validation"], args, console=console)
     if "test" in splits and len(splits["test"]):
-        _print_exit_table(result.best_dir, splits["test"], "test", args.max_length)
+        _print_exit_table(MultiExitModel.from_pretrained(result.best_dir), splits["test"], "test", args.max_length)
     console.print(f"[green]saved[/] the best model to {result.best_dir}")
     return result.best_dir
 
 
-def _print_exit_table(model_dir: Path, dataset: TextDataset, split: str, max_length: int) -> None:
+def _print_exit_table(model: MultiExitModel, dataset: TextDataset, split: str, max_length: int) -> None:
     from badge.evaluation import collect_exit_logits, make_loader
 
-    model = MultiExitModel.from_pretrained(model_dir)
     loader = make_loader(dataset, model.tokenizer, max_length, 64, shuffle=False)
     logits, labels = collect_exit_logits(model, loader, progress=True)
     metrics = per_exit_metrics(logits, labels, model.config.problem_type)
@@ -303,7 +302,7 @@ def evaluate_command(
     model = _load_model(model_dir)
     evaluated, name = _labelled_split(model, dataset, split, data, text_column, text_pair_column, label_column, seed)
     if not sweep:
-        _print_exit_table(model_dir, evaluated, name, max_length)
+        _print_exit_table(model, evaluated, name, max_length)
         return
     if timing not in ("front", "all", "none"):
         raise _fail(f"--timing {timing!r} is not one of front, all, none")
