@@ -214,12 +214,14 @@ def sweep(
 
 
 # ----- wall-clock ----------------------------------------------------------------------------
-def length_sorted_batches(encoded: dict[str, torch.Tensor], batch_size: int) -> list[dict[str, torch.Tensor]]:
+def length_sorted_batches(
+    encoded: dict[str, torch.Tensor], batch_size: int, sort: bool = True
+) -> list[dict[str, torch.Tensor]]:
     """Split right-padded inputs (N, T) into batches of similar length, each trimmed to its longest row.
 
-    One-dimensional entries (labels) are split along with them."""
+    One-dimensional entries (labels) are split along with them. `sort=False` keeps the input order."""
     lengths = encoded["attention_mask"].sum(dim=1)
-    order = torch.argsort(lengths, stable=True)
+    order = torch.argsort(lengths, stable=True) if sort else torch.arange(len(lengths))
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -299,7 +301,7 @@ def exit_logits_for(
     model: MultiExitModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int = 32
 ) -> tuple[torch.Tensor, int]:
     """All exits' logits (N, E, K) for padded inputs, and the mean sequence length (for FLOPs)."""
-    loader = [{**batch, "labels": labels[rows]} for batch, rows in _chunks(inputs, batch_size)]
+    loader = length_sorted_batches({**inputs, "labels": labels}, batch_size, sort=False)  # keeps input order
     exit_logits, _ = collect_exit_logits(model, loader, progress=True)
     return exit_logits, int(inputs["attention_mask"].sum(dim=1).float().mean().round())
 
@@ -338,14 +340,6 @@ def run_sweep(
             model, policy, sampled, batch_size, repeats, labels[sample] if policy.needs_labels else None
         ).speedup
     return result
-
-
-def _chunks(inputs: dict[str, torch.Tensor], size: int):
-    n = len(inputs["input_ids"])
-    for start in range(0, n, size):
-        rows = torch.arange(start, min(n, start + size))
-        width = int(inputs["attention_mask"][rows].sum(dim=1).max())
-        yield {key: value[rows, :width] for key, value in inputs.items()}, rows
 
 
 def write_sweep(result: SweepResult, folder: Path, title: str = "early-exit trade-off") -> dict[str, Path]:
