@@ -52,6 +52,16 @@ def test_batch_of_64_gives_the_same_answers_as_batch_size_1(model, inputs, polic
     torch.testing.assert_close(batched.probs, single.probs, atol=1e-5, rtol=1e-5)
 
 
+def test_padding_free_layers_change_no_answer(model, inputs) -> None:
+    ids, mask = inputs
+    policy = ExitPolicy("entropy", tau=0.9)
+    padded = EarlyExitEngine(model, policy, batch_size=16, packed=False).run(ids, mask)
+    packed = EarlyExitEngine(model, policy, batch_size=16, packed=True).run(ids, mask)
+    assert torch.equal(padded.exit_layers, packed.exit_layers)
+    assert padded.labels == packed.labels
+    torch.testing.assert_close(padded.probs, packed.probs, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("policy", POLICIES, ids=str)
 def test_engine_exits_where_replaying_the_rule_on_all_exits_says(model, inputs, policy) -> None:
     ids, mask = inputs

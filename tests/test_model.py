@@ -17,6 +17,7 @@ from transformers import (
 
 from badge import MultiExitConfig, MultiExitModel
 from badge.modeling import CheckpointError, count_flops, damp_gradient
+from badge.packed import PACKED_FAMILIES
 
 SMALL = {"num_attention_heads": 4, "vocab_size": 60}
 FAMILIES = {
@@ -53,6 +54,28 @@ def test_every_family_gives_one_logit_tensor_per_exit_and_matches_the_plain_enco
     assert all(logits.shape == (3, 3) for logits in out.exit_logits)
     assert out.loss is not None and out.exit_losses.shape == (model.num_layers,)
     # The layer-by-layer path that engines use computes exactly what the Hugging Face encoder computes.
+    torch.testing.assert_close(hidden[mask.bool()], reference[mask.bool()])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_padding_free_layers_and_precomputed_pooling_give_the_hugging_face_answers(family: str) -> None:
+    config = MultiExitConfig(backbone=FAMILIES[family].to_dict(), num_labels=3)
+    model = MultiExitModel(config).eval()
+    ids, mask = batch(rows=4)
+    mask[3, 2:] = 0
+    with torch.no_grad():
+        reference = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = model.embed(ids)
+        attention = model.attention_inputs(hidden, mask, packed=True)
+        for layer in range(1, model.num_layers + 1):
+            hidden = model.run_layer(layer, hidden, attention)
+            assert torch.allclose(
+                model.exit_logits(layer, hidden, mask, attention.pool_weights),
+                model.exit_logits(layer, hidden, mask),
+                atol=1e-6,
+            )
+    # BERT-structured families skip the padding; the others fall back to the Hugging Face layers.
+    assert attention.packed == (family in PACKED_FAMILIES)
     torch.testing.assert_close(hidden[mask.bool()], reference[mask.bool()])
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from badge.modeling import MultiExitModel
+from badge.modeling import AttentionInputs, MultiExitModel
 from badge.rules import ExitPolicy, select_rows
 
 
@@ -54,18 +54,23 @@ def trim_padding(attention_mask: torch.Tensor) -> int:
 
 @dataclass
 class _Rows:
-    """Rows in flight between two layers: hidden states, mask, input row ids and the rule's per-row state."""
+    """Rows in flight between two layers: hidden states, mask, input row ids and the rule's per-row state.
+
+    `attention` (the prepared mask and pooling weights) is kept while the rows stay together, so a
+    batch that loses no row prepares it once, not once per layer.
+    """
 
     hidden: torch.Tensor  # (b, T, d)
     mask: torch.Tensor  # (b, T)
     rows: torch.Tensor  # (b,) positions in the run's inputs
     state: dict[str, torch.Tensor]
+    attention: AttentionInputs | None = None
 
     def select(self, keep: torch.Tensor) -> _Rows:
         """Keep rows (bool mask or indices) and cut padding columns no kept row needs."""
         mask = self.mask[keep]
         width = trim_padding(mask) if len(mask) else 0
-        return _Rows(self.hidden[keep][:, :width], mask[:, :width], self.rows[keep], select_rows(self.state, keep))
+        return _Rows(self.hidden[keep, :width], mask[:, :width], self.rows[keep], select_rows(self.state, keep))
 
 
 def _count(groups: list[_Rows]) -> int:
@@ -73,7 +78,13 @@ def _count(groups: list[_Rows]) -> int:
 
 
 def _take(groups: list[_Rows], limit: int) -> _Rows:
-    """Merge waiting groups (right-padding to the widest) and take up to `limit` rows; the rest stays queued."""
+    """Take up to `limit` waiting rows, shortest first; the rest stays queued.
+
+    Groups are merged (right-padded to the widest) and sorted by length, so the rows that run
+    together need little padding and the longest wait for rows of their own length.
+    """
+    if len(groups) == 1 and len(groups[0].rows) <= limit:
+        return groups.pop()
     width = max(group.hidden.shape[1] for group in groups)
 
     def pad(tensor: torch.Tensor) -> torch.Tensor:
@@ -82,18 +93,18 @@ def _take(groups: list[_Rows], limit: int) -> _Rows:
             return tensor
         return torch.nn.functional.pad(tensor, (0, 0, 0, missing) if tensor.dim() == 3 else (0, missing))
 
+    mask = torch.cat([pad(group.mask) for group in groups])
     merged = _Rows(
         torch.cat([pad(group.hidden) for group in groups]),
-        torch.cat([pad(group.mask) for group in groups]),
+        mask,
         torch.cat([group.rows for group in groups]),
         {key: torch.cat([group.state[key] for group in groups]) for key in groups[0].state},
     )
     groups.clear()
-    count = len(merged.rows)
-    if count > limit:
-        groups.append(merged.select(torch.arange(limit, count)))
-        merged = merged.select(torch.arange(limit))
-    return merged
+    order = torch.argsort(mask.sum(dim=1), stable=True)
+    if len(order) > limit:
+        groups.append(merged.select(order[limit:]))
+    return merged.select(order[:limit])
 
 
 class EarlyExitEngine:
@@ -105,6 +116,8 @@ class EarlyExitEngine:
         batch_size: rows per batch.
         num_threads: torch intra-op threads for inference (None = leave as is).
         sort_by_length: batch samples of similar length together (results are unchanged).
+        packed: run BERT-structured layers on real tokens only, skipping padding (`badge.packed`;
+            results equal within float rounding). Other families always run padded.
     """
 
     def __init__(
@@ -114,6 +127,7 @@ class EarlyExitEngine:
         batch_size: int = 32,
         num_threads: int | None = None,
         sort_by_length: bool = True,
+        packed: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be >= 1")
@@ -121,6 +135,7 @@ class EarlyExitEngine:
         self.policy = policy if policy is not None else ExitPolicy.from_dict(model.config.exit_policy)
         self.batch_size = batch_size
         self.sort_by_length = sort_by_length
+        self.packed = packed
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.layers_run = 0
@@ -180,24 +195,29 @@ class EarlyExitEngine:
                     break
                 layer = waiting[0]
                 group = _take(pools[layer], self.batch_size)
-            attention = backend.attention_inputs(group.hidden, group.mask)
-            hidden = backend.run_layer(layer, group.hidden, attention)
+            if group.attention is None:
+                group.attention = backend.attention_inputs(group.hidden, group.mask, packed=self.packed)
+            hidden = backend.run_layer(layer, group.hidden, group.attention)
             self.layers_run += hidden.shape[0]
-            group = _Rows(hidden, group.mask, group.rows, group.state)
+            group.hidden = hidden
             if layer in exit_positions:
-                logits = backend.exit_logits(layer, hidden, group.mask)  # (b, K)
+                logits = backend.exit_logits(layer, hidden, group.mask, group.attention.pool_weights)  # (b, K)
                 self.exits_run += hidden.shape[0]
                 if layer == last:
-                    leave = torch.ones(hidden.shape[0], dtype=torch.bool)
+                    leave = torch.ones(len(group.rows), dtype=torch.bool)
                 else:
                     row_labels = labels[group.rows] if labels is not None else None
-                    leave, state = step(logits, group.state, exit_positions[layer], row_labels)
-                    group = _Rows(hidden, group.mask, group.rows, state)
-                out_logits[group.rows[leave]] = logits[leave].float()
-                out_layers[group.rows[leave]] = layer
-                group = group.select(~leave)
-            if len(group.rows):
-                pools[layer + 1].append(group)
+                    leave, group.state = step(logits, group.state, exit_positions[layer], row_labels)
+                leaving = int(leave.sum())
+                if leaving == len(group.rows):  # the whole group leaves: no row selection needed
+                    out_logits[group.rows] = logits.float()
+                    out_layers[group.rows] = layer
+                    continue
+                if leaving:  # the rows that stay run on without the others, and keep no extra padding
+                    out_logits[group.rows[leave]] = logits[leave].float()
+                    out_layers[group.rows[leave]] = layer
+                    group = group.select(~leave)
+            pools[layer + 1].append(group)
         predicted, probs = predictions_from_logits(out_logits, self.task)
         return EngineOutput(labels=predicted, probs=probs, exit_layers=out_layers, logits=out_logits)
 

@@ -25,6 +25,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
 from badge.config import MultiExitConfig
+from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
 EXIT_POLICY_FILE = "exit_policy.json"
@@ -86,10 +87,18 @@ class ExitHead(nn.Module):
 
 @dataclass
 class AttentionInputs:
-    """What every layer needs besides the hidden states: the prepared mask and, for MPNet, the position bias."""
+    """What the layers and exits need besides the hidden states, prepared once per batch of rows.
+
+    mask: the layers' attention mask (None where no row is padded); position_bias: MPNet's relative
+    position bias; pool_weights: (B, 1, T) weights that pool hidden states (B, T, d) into (B, 1, d);
+    packed: run the layers on real tokens only (`badge.packed`), with `tokens` their flat indices.
+    """
 
     mask: torch.Tensor | None
     position_bias: torch.Tensor | None = None
+    pool_weights: torch.Tensor | None = None
+    packed: bool = False
+    tokens: torch.Tensor | None = None  # real-token indices for the packed layers (None: no padding)
 
 
 @dataclass
@@ -185,13 +194,22 @@ class MultiExitModel(PreTrainedModel):
             hidden = self.encoder.encoder.embedding_hidden_mapping_in(hidden)
         return hidden
 
-    def attention_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> AttentionInputs:
-        """Prepare the mask (and MPNet's relative position bias) for hidden states of shape (B, T, d)."""
+    def attention_inputs(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False
+    ) -> AttentionInputs:
+        """Prepare the mask (and MPNet's relative position bias) for hidden states of shape (B, T, d).
+
+        `packed=True` asks for padding-free layers (inference only); families outside
+        `PACKED_FAMILIES` and a model in training mode keep the Hugging Face layers.
+        """
         mask = create_bidirectional_mask(
             config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
         )
         bias = self.encoder.encoder.compute_position_bias(hidden) if self.family == "mpnet" else None
-        return AttentionInputs(mask=mask, position_bias=bias)
+        weights = self.pool_weights(attention_mask, hidden.dtype)
+        if packed and self.family in PACKED_FAMILIES and not self.training:
+            return AttentionInputs(mask, bias, weights, packed=True, tokens=real_tokens(attention_mask))
+        return AttentionInputs(mask=mask, position_bias=bias, pool_weights=weights)
 
     def run_layer(self, layer: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
         """Apply 1-based transformer layer `layer` to hidden states (B, T, d)."""
@@ -201,6 +219,8 @@ class MultiExitModel(PreTrainedModel):
             group = int((layer - 1) / (self.num_layers / groups))
             return albert.albert_layer_groups[group](hidden, attention.mask)
         module = self._layer_modules()[layer - 1]
+        if attention.packed:
+            return packed_layer(module, hidden, attention.mask, attention.tokens)
         if self.family == "mpnet":
             out = module(hidden, attention.mask, attention.position_bias)
         else:
@@ -214,9 +234,31 @@ class MultiExitModel(PreTrainedModel):
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
-    def exit_logits(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K) of the exit after 1-based `layer`."""
-        pooled = self.pool(hidden, attention_mask)  # (B, d)
+    def pool_weights(self, attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, 1, T) weights whose batched product with hidden states (B, T, d) is `pool`'s result.
+
+        The engine computes them once per batch of rows, so each exit pools with one `bmm`.
+        """
+        if self.config.pooling == "cls":
+            weights = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+            weights[:, 0] = 1.0
+        else:
+            weights = attention_mask.to(dtype)
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return weights.unsqueeze(1)  # (B, 1, T)
+
+    def exit_logits(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pool_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, K) of the exit after 1-based `layer`; `pool_weights` from `pool_weights` saves work."""
+        if pool_weights is None:
+            pooled = self.pool(hidden, attention_mask)  # (B, d)
+        else:
+            pooled = torch.bmm(pool_weights, hidden).squeeze(1)  # (B, d)
         if layer != self.num_layers:
             pooled = damp_gradient(pooled, self.config.gamma)
             if self.config.use_bypass:

@@ -279,8 +279,10 @@ class OnnxMultiExitModel:
             feed["token_type_ids"] = _numpy(types, torch.long)
         return torch.from_numpy(self.embeddings.run(None, feed)[0])
 
-    def attention_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> AttentionInputs:
-        """The layer graphs build their own masks: pass the 2-D padding mask (B, T) through."""
+    def attention_inputs(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False
+    ) -> AttentionInputs:
+        """The layer graphs build their own masks: pass the 2-D padding mask (B, T) through (`packed` unused)."""
         return AttentionInputs(mask=attention_mask)
 
     def run_layer(self, layer: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
@@ -288,8 +290,10 @@ class OnnxMultiExitModel:
         feed = {"hidden": _numpy(hidden, torch.float32), "attention_mask": _numpy(attention.mask, torch.long)}
         return torch.from_numpy(self.layers[layer - 1].run(None, feed)[0])
 
-    def exit_logits(self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K) of the exit after 1-based `layer`."""
+    def exit_logits(
+        self, layer: int, hidden: torch.Tensor, attention_mask: torch.Tensor, pool_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, K) of the exit after 1-based `layer` (the exit graph pools for itself: `pool_weights` unused)."""
         feed = {"hidden": _numpy(hidden, torch.float32), "attention_mask": _numpy(attention_mask, torch.long)}
         wanted = self.exit_inputs[layer]  # [CLS] pooling reads no mask: the exporter drops the input
         return torch.from_numpy(self.exits[layer].run(None, {k: v for k, v in feed.items() if k in wanted})[0])
