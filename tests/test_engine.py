@@ -86,6 +86,20 @@ def test_exited_rows_leave_the_batch_and_no_layer_runs_past_the_deepest_exit(mod
     assert static.layers_run == 2 * 64  # layers 3 and 4 never ran
 
 
+def test_exits_the_rule_does_not_read_are_not_evaluated(model, inputs) -> None:
+    ids, mask = inputs
+    static = EarlyExitEngine(model, ExitPolicy("static:2"), batch_size=16)
+    out = static.run(ids, mask)
+    assert static.exits_run == 64  # only the exit after layer 2, once per sample
+    assert out.exit_layers.eq(2).all()
+    full = EarlyExitEngine(model, ExitPolicy("full"), batch_size=16)
+    answers = full.run(ids, mask)
+    assert full.exits_run == 64 and full.layers_run == 64 * model.num_layers
+    with torch.no_grad():
+        final = model(ids, mask).exit_logits[-1]
+    torch.testing.assert_close(answers.logits, final, atol=1e-5, rtol=1e-5)
+
+
 def test_layer_calls_stop_at_the_deepest_exit_in_the_batch(model, inputs, monkeypatch) -> None:
     ids, mask = inputs
     called: list[int] = []

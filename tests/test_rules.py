@@ -116,3 +116,11 @@ def test_bad_policies_are_refused_with_the_bad_value_named() -> None:
     with pytest.raises(PolicyError, match="static:3"):
         ExitPolicy("static:x")
     assert ExitPolicy.from_dict({"rule": "static:3"}).to_dict() == {"rule": "static", "k": 3}
+
+
+def test_policies_name_the_exits_they_read_so_engines_can_skip_the_rest() -> None:
+    layers = [2, 4, 6, 8]
+    assert ExitPolicy("full").exits_consulted(layers) == [8]
+    assert ExitPolicy("static:3").exits_consulted(layers) == [4, 8]
+    assert ExitPolicy("static:9").exits_consulted(layers) == [8]
+    assert ExitPolicy("dge", tau=0.1).exits_consulted(layers) == layers

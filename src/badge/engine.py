@@ -1,6 +1,6 @@
 """Layer-by-layer early-exit inference with per-sample exits inside real batches.
 
-A batch runs one layer at a time. After each layer that carries an exit, the exit rule decides per
+A batch runs one layer at a time. After each layer whose exit the rule reads, the rule decides per
 row; rows that leave are recorded and dropped from the batch at once, and padding columns no row
 still needs are cut off. Survivors wait in a pool for their next layer, which runs once the pool
 holds a full batch again (rows from later input batches join them), so deep layers do not run on
@@ -171,6 +171,7 @@ class EarlyExitEngine:
         order = torch.argsort(attention_mask.sum(dim=1), stable=True) if self.sort_by_length else torch.arange(n)
         step = self.policy.build(self.task, backend.exit_layers)
         exit_positions = {layer: position for position, layer in enumerate(backend.exit_layers)}
+        consulted = set(self.policy.exits_consulted(backend.exit_layers))
         last = backend.num_layers
         out_logits = torch.zeros(n, self.model.config.num_labels)
         out_layers = torch.zeros(n, dtype=torch.long)
@@ -200,7 +201,7 @@ class EarlyExitEngine:
             hidden = backend.run_layer(layer, group.hidden, group.attention)
             self.layers_run += hidden.shape[0]
             group.hidden = hidden
-            if layer in exit_positions:
+            if layer in consulted:
                 logits = backend.exit_logits(layer, hidden, group.mask, group.attention.pool_weights)  # (b, K)
                 self.exits_run += hidden.shape[0]
                 if layer == last:

@@ -313,6 +313,19 @@ class ExitPolicy:
         params = {key: value for key, value in self.to_dict().items() if key != "rule"}
         return RULES[self.rule].build(task, exit_layers[-1], layers=tuple(exit_layers), **params)
 
+    def exits_consulted(self, exit_layers: list[int]) -> list[int]:
+        """The exit layers whose logits this policy reads; an engine may skip the other exits.
+
+        `full` reads only the final exit and `static:k` only the first exit at or after layer k;
+        every other rule reads them all.
+        """
+        last = exit_layers[-1]
+        if self.rule == "full":
+            return [last]
+        if self.rule == "static":
+            return sorted({next((layer for layer in exit_layers if layer >= self.k), last), last})
+        return list(exit_layers)
+
     def __str__(self) -> str:
         params = ", ".join(f"{key}={value}" for key, value in self.to_dict().items() if key != "rule")
         return f"{self.rule}({params})"
