@@ -5,6 +5,7 @@
 
 Rows, each on the same examples, batch sizes and thread count:
     full model                   the plain Hugging Face forward (all layers, final classifier): the reference
+    full model, ONNX Runtime     the float32 export run layer by layer with policy `full`: ONNX Runtime's own share
     early exit                   EarlyExitEngine with the model's stored exit policy (or --rule/--tau/...)
     early exit + int8 (PyTorch)  the same, encoder linear layers dynamically quantised by torch
     early exit + ONNX Runtime    OnnxEarlyExitEngine on a float32 export
@@ -112,12 +113,15 @@ def build_rows(
     onnx_int8 = export_onnx(model, work / "onnx-int8", quantize="int8")
     onnx_pruned = export_onnx(pruned, work / "onnx-int8-pruned", quantize="int8")
 
-    def onnx_engine(folder: Path) -> OnnxEarlyExitEngine:
-        return OnnxEarlyExitEngine(folder, policy, batch_size, num_threads=threads, sort_by_length=False)
+    full = ExitPolicy("full")
+
+    def onnx_engine(folder: Path, rule: ExitPolicy = policy) -> OnnxEarlyExitEngine:
+        return OnnxEarlyExitEngine(folder, rule, batch_size, num_threads=threads, sort_by_length=False)
 
     size, pruned_size = count_parameters(model), count_parameters(pruned)
     return [
         Row("full model (plain Hugging Face)", plain_answer(model), size),
+        Row("full model, ONNX Runtime (every layer, no exit)", engine_answer(onnx_engine(onnx_float, full)), size),
         Row("early exit", engine_answer(EarlyExitEngine(model, policy, batch_size, sort_by_length=False)), size),
         Row(
             "early exit + int8 (PyTorch)",
