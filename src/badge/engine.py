@@ -173,8 +173,7 @@ class EarlyExitEngine:
         exit_positions = {layer: position for position, layer in enumerate(backend.exit_layers)}
         consulted = set(self.policy.exits_consulted(backend.exit_layers))
         last = backend.num_layers
-        out_logits = torch.zeros(n, self.model.config.num_labels)
-        out_layers = torch.zeros(n, dtype=torch.long)
+        answered: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (rows, their logits, exit layer)
         pools: dict[int, list[_Rows]] = {layer: [] for layer in range(2, last + 1)}
         next_row = 0
         while True:
@@ -211,14 +210,21 @@ class EarlyExitEngine:
                     leave, group.state = step(logits, group.state, exit_positions[layer], row_labels)
                 leaving = int(leave.sum())
                 if leaving == len(group.rows):  # the whole group leaves: no row selection needed
-                    out_logits[group.rows] = logits.float()
-                    out_layers[group.rows] = layer
+                    answered.append((group.rows, logits, layer))
                     continue
                 if leaving:  # the rows that stay run on without the others, and keep no extra padding
-                    out_logits[group.rows[leave]] = logits[leave].float()
-                    out_layers[group.rows[leave]] = layer
+                    answered.append((group.rows[leave], logits[leave], layer))
                     group = group.select(~leave)
             pools[layer + 1].append(group)
+        out_logits = torch.zeros(n, self.model.config.num_labels)
+        out_layers = torch.zeros(n, dtype=torch.long)
+        if answered:
+            row_ids, row_logits, layers = zip(*answered, strict=True)
+            positions = torch.cat(row_ids)
+            out_logits[positions] = torch.cat(row_logits).float()
+            out_layers[positions] = torch.cat(
+                [torch.full((len(ids),), at) for ids, at in zip(row_ids, layers, strict=True)]
+            )
         predicted, probs = predictions_from_logits(out_logits, self.task)
         return EngineOutput(labels=predicted, probs=probs, exit_layers=out_layers, logits=out_logits)
 

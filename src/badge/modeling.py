@@ -142,6 +142,11 @@ class MultiExitModel(PreTrainedModel):
             blocks = sorted({config.block_of(layer) for layer in self.intermediate_layers})
             eps = getattr(backbone_config, "layer_norm_eps", 1e-12)
             self.bypasses.update({str(b): Bypass(hidden, config.bypass_dim, eps) for b in blocks})
+        # The bypass key feeding each intermediate exit (None: no bypass), resolved once because at
+        # inference an exit runs after every layer and config lookups cost more than its small ops.
+        self._exit_bypass = {
+            layer: str(config.block_of(layer)) if config.use_bypass else None for layer in self.intermediate_layers
+        }
         self.tokenizer = None
         self.post_init()
 
@@ -202,14 +207,17 @@ class MultiExitModel(PreTrainedModel):
         `packed=True` asks for padding-free layers (inference only); families outside
         `PACKED_FAMILIES` and a model in training mode keep the Hugging Face layers.
         """
+        weights = self.pool_weights(attention_mask, hidden.dtype)
+        if packed and self.family in PACKED_FAMILIES and not self.training:
+            tokens = real_tokens(attention_mask)
+            # The packed layers call SDPA themselves: a (B, 1, 1, T) key-padding mask, none without padding.
+            mask = None if tokens is None else attention_mask.bool()[:, None, None, :]
+            return AttentionInputs(mask, None, weights, packed=True, tokens=tokens)
+        bias = self.encoder.encoder.compute_position_bias(hidden) if self.family == "mpnet" else None
         mask = create_bidirectional_mask(
             config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
         )
-        bias = self.encoder.encoder.compute_position_bias(hidden) if self.family == "mpnet" else None
-        weights = self.pool_weights(attention_mask, hidden.dtype)
-        if packed and self.family in PACKED_FAMILIES and not self.training:
-            return AttentionInputs(mask, bias, weights, packed=True, tokens=real_tokens(attention_mask))
-        return AttentionInputs(mask=mask, position_bias=bias, pool_weights=weights)
+        return AttentionInputs(mask, bias, weights)
 
     def run_layer(self, layer: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
         """Apply 1-based transformer layer `layer` to hidden states (B, T, d)."""
@@ -259,10 +267,12 @@ class MultiExitModel(PreTrainedModel):
             pooled = self.pool(hidden, attention_mask)  # (B, d)
         else:
             pooled = torch.bmm(pool_weights, hidden).squeeze(1)  # (B, d)
-        if layer != self.num_layers:
-            pooled = damp_gradient(pooled, self.config.gamma)
-            if self.config.use_bypass:
-                pooled = pooled + self.bypasses[str(self.config.block_of(layer))](pooled)
+        if layer in self._exit_bypass:  # an intermediate exit
+            if torch.is_grad_enabled():
+                pooled = damp_gradient(pooled, self.config.gamma)
+            bypass = self._exit_bypass[layer]
+            if bypass is not None:
+                pooled = pooled + self.bypasses[bypass](pooled)
         return self.exits[str(layer)](pooled)
 
     # ----- training forward ------------------------------------------------------------------

@@ -34,7 +34,8 @@ def packed_layer(
         layer: a `BertLayer` (or the RoBERTa / XLM-R / ELECTRA copy of it), possibly with pruned heads
             or int8 linear layers.
         hidden: (B, T, d) hidden states, right-padded.
-        attention_mask: the mask the Hugging Face layer gets for SDPA (None when nothing is padded).
+        attention_mask: a boolean SDPA mask broadcastable to (B, h, T, T), True where a key may be attended
+            (None when nothing is padded).
         tokens: `real_tokens` of the (B, T) padding mask.
     Returns:
         (B, T, d) output; padding positions hold zeros (every reader masks them out).
