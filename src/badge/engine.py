@@ -78,14 +78,23 @@ def _count(groups: list[_Rows]) -> int:
 
 
 def _take(groups: list[_Rows], limit: int) -> _Rows:
-    """Take up to `limit` waiting rows, shortest first; the rest stays queued.
+    """Take up to `limit` waiting rows, oldest first, merged into one group; the rest stays queued.
 
-    Groups are merged (right-padded to the widest) and sorted by length, so the rows that run
-    together need little padding and the longest wait for rows of their own length.
+    Whole groups are taken as they are and only the group that straddles the limit is split, so
+    each row is copied once on its way into the next layer call (the padded merge).
     """
-    if len(groups) == 1 and len(groups[0].rows) <= limit:
-        return groups.pop()
-    width = max(group.hidden.shape[1] for group in groups)
+    taken, count = [], 0
+    while groups and count < limit:
+        group = groups.pop(0)
+        room = limit - count
+        if len(group.rows) > room:
+            groups.insert(0, group.select(torch.arange(room, len(group.rows))))
+            group = group.select(torch.arange(room))
+        taken.append(group)
+        count += len(group.rows)
+    if len(taken) == 1:
+        return taken[0]
+    width = max(group.hidden.shape[1] for group in taken)
 
     def pad(tensor: torch.Tensor) -> torch.Tensor:
         missing = width - tensor.shape[1]
@@ -93,18 +102,12 @@ def _take(groups: list[_Rows], limit: int) -> _Rows:
             return tensor
         return torch.nn.functional.pad(tensor, (0, 0, 0, missing) if tensor.dim() == 3 else (0, missing))
 
-    mask = torch.cat([pad(group.mask) for group in groups])
-    merged = _Rows(
-        torch.cat([pad(group.hidden) for group in groups]),
-        mask,
-        torch.cat([group.rows for group in groups]),
-        {key: torch.cat([group.state[key] for group in groups]) for key in groups[0].state},
+    return _Rows(
+        torch.cat([pad(group.hidden) for group in taken]),
+        torch.cat([pad(group.mask) for group in taken]),
+        torch.cat([group.rows for group in taken]),
+        {key: torch.cat([group.state[key] for group in taken]) for key in taken[0].state},
     )
-    groups.clear()
-    order = torch.argsort(mask.sum(dim=1), stable=True)
-    if len(order) > limit:
-        groups.append(merged.select(order[limit:]))
-    return merged.select(order[:limit])
 
 
 class EarlyExitEngine:
