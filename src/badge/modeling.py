@@ -235,17 +235,11 @@ class MultiExitModel(PreTrainedModel):
             out = module(hidden, attention.mask)
         return out[0] if isinstance(out, tuple) else out
 
-    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pool (B, T, d) hidden states to (B, d) by the configured `pooling`."""
-        if self.config.pooling == "cls":
-            return hidden[:, 0]
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
     def pool_weights(self, attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(B, 1, T) weights whose batched product with hidden states (B, T, d) is `pool`'s result.
+        """(B, 1, T) pooling weights by the configured `pooling`: one-hot on the first token (`cls`) or the
+        masked mean (`mean`). Their batched product with hidden states (B, T, d) is the pooled vector.
 
-        The engine computes them once per batch of rows, so each exit pools with one `bmm`.
+        Computed once per batch of rows (`attention_inputs`), so each exit pools with one `bmm`.
         """
         if self.config.pooling == "cls":
             weights = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
@@ -262,11 +256,10 @@ class MultiExitModel(PreTrainedModel):
         attention_mask: torch.Tensor,
         pool_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, K) of the exit after 1-based `layer`; `pool_weights` from `pool_weights` saves work."""
+        """Logits (B, K) of the exit after 1-based `layer`; pass `pool_weights` when they are already at hand."""
         if pool_weights is None:
-            pooled = self.pool(hidden, attention_mask)  # (B, d)
-        else:
-            pooled = torch.bmm(pool_weights, hidden).squeeze(1)  # (B, d)
+            pool_weights = self.pool_weights(attention_mask, hidden.dtype)  # (B, 1, T)
+        pooled = torch.bmm(pool_weights, hidden).squeeze(1)  # (B, d)
         if layer in self._exit_bypass:  # an intermediate exit
             if torch.is_grad_enabled():
                 pooled = damp_gradient(pooled, self.config.gamma)
@@ -304,7 +297,7 @@ class MultiExitModel(PreTrainedModel):
         for layer in range(1, self.num_layers + 1):
             hidden = self.run_layer(layer, hidden, attention)
             if layer in wanted:
-                logits.append(self.exit_logits(layer, hidden, attention_mask))
+                logits.append(self.exit_logits(layer, hidden, attention_mask, attention.pool_weights))
         if labels is None:
             return MultiExitOutput(exit_logits=tuple(logits))
         losses = torch.stack([self.task_loss(z, labels) for z in logits])  # (E,)
