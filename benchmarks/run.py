@@ -47,7 +47,7 @@ from badge.comparison import (
     paired_bootstrap,
 )
 from badge.data import default_cache_dir, load_named_dataset, sample
-from badge.evaluation import default_policies, split_logits
+from badge.evaluation import default_policies, fit_gate_for, split_logits
 from badge.report import comparison_markdown, fmt, fmt_difference
 from badge.training import TrainingArguments, scheme_model_options, train
 
@@ -297,9 +297,11 @@ def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
 
 
 # ----- 2. exit rules -------------------------------------------------------------------------
-def rule_curves(num_layers: int) -> dict[str, list]:
+def rule_curves(validation: SplitLogits) -> dict[str, list]:
+    """Every rule's settings; the gate is fitted on the validation logits (without their labels)."""
     curves: dict[str, list] = {}
-    for curve, policy in default_policies("single_label_classification", num_layers):
+    policies = default_policies(validation.task, validation.num_layers, gate=fit_gate_for(validation))
+    for curve, policy in policies:
         curves.setdefault(curve, []).append(policy)
     return curves
 
@@ -317,7 +319,7 @@ def rules_section(runs_dir: Path, runs: list[Run], resamples: int) -> tuple[dict
     comparisons: list[RuleComparison] = []
     for run in runs:
         splits = load_run(runs_dir, run)
-        curves = rule_curves(splits["test"].num_layers)
+        curves = rule_curves(splits["validation"])
         comparisons.append(compare_rules(curves, splits["validation"], splits["test"], DEFAULT_RULE, resamples=200))
     first = comparisons[0]
     table = {

@@ -99,7 +99,7 @@ def test_sweep_chooses_on_validation_reports_on_test_and_writes_json_markdown_an
     assert swept["selection"] == str(review_files["validation"]) and swept["reported"] == str(review_files["test"])
     assert not swept["same_split"]
     rules = swept["comparison"]["rules"]
-    assert {"dge-jsd", "dge-kl", "entropy", "maxprob", "patience", "pcee", "static"} <= set(rules)
+    assert {"dge-jsd", "dge-kl", "gate", "entropy", "maxprob", "patience", "pcee", "static"} <= set(rules)
     assert swept["comparison"]["oracle"] is not None and "oracle" not in rules  # a bound, never compared
     assert swept["comparison"]["reference"] == "entropy"  # the stored policy's rule
     low, high = rules["maxprob"]["difference"]["1.5x"]["interval"]
@@ -178,6 +178,22 @@ def test_calibrate_stores_the_policy_in_the_model_folder(trained, review_files, 
     stored = json.loads((copy / "exit_policy.json").read_text())
     assert stored["rule"] == "entropy"
     assert MultiExitModel.from_pretrained(copy).config.exit_policy == stored
+
+
+def test_calibrate_fits_the_gate_on_validation_and_stores_it_as_readable_json(trained, review_files, tmp_path) -> None:
+    best, _ = trained
+    copy = tmp_path / "model"
+    MultiExitModel.from_pretrained(best).save_pretrained(copy)
+    files = ["--validation", str(review_files["validation"]), "--test", str(review_files["test"])]
+    result = runner.invoke(app, ["calibrate", str(copy), "--rule", "gate", "--max-drop", "2", *files])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((copy / "exit_policy.json").read_text())
+    assert stored["rule"] == "gate" and len(stored["gate"]["weights"]) == 3  # one per exit before the last
+    source = tmp_path / "in.csv"
+    source.write_text("text\ngood film\nbad film\n")
+    result = runner.invoke(app, ["predict", str(copy), str(source), str(tmp_path / "out.csv")])
+    assert result.exit_code == 0, result.output
+    assert "policy gate(tau=" in result.output
 
 
 def test_predict_streams_a_file_and_keeps_rows_with_empty_text(trained, tmp_path) -> None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from badge.comparison import BOOTSTRAP_RESAMPLES, RuleComparison, RuleCurve, SplitLogits, compare_rules
 from badge.data import EncodedDataset, TextDataset, collate, encode
+from badge.gate import fit_gate
 from badge.metrics import primary_metric_name, task_metrics
 from badge.modeling import MultiExitModel, count_flops
 from badge.rules import DIVERGENCES, RULES, ExitPolicy, simulate
@@ -83,13 +84,18 @@ class SweepResult:
         return list(dict.fromkeys(p.curve for p in self.points))
 
 
-def default_policies(task: str, num_layers: int, include_oracle: bool = True) -> list[tuple[str, ExitPolicy]]:
-    """Every registered rule over its sweep grid, as (curve name, policy) pairs."""
+def default_policies(
+    task: str, num_layers: int, include_oracle: bool = True, gate: dict[str, Any] | None = None
+) -> list[tuple[str, ExitPolicy]]:
+    """Every registered rule over its sweep grid, as (curve name, policy) pairs; the `gate` rule only when a
+    fitted gate is given (`fit_gate_for`)."""
     policies: list[tuple[str, ExitPolicy]] = []
     for name, spec in RULES.items():
         if name == "full" or (spec.needs_labels and (not include_oracle or task != "single_label_classification")):
             continue
         if task == "regression" and name in ("entropy", "maxprob", "pcee"):
+            continue
+        if name == "gate" and gate is None:
             continue
         grid = dict(spec.sweep)
         if name == "static":
@@ -102,8 +108,17 @@ def default_policies(task: str, num_layers: int, include_oracle: bool = True) ->
                 settings = dict(zip(keys, values, strict=True))
                 if kind:
                     settings["divergence"] = kind
+                if name == "gate":
+                    settings["gate"] = gate
                 policies.append((curve, ExitPolicy(rule=name, **settings)))
     return policies
+
+
+def fit_gate_for(split: SplitLogits) -> dict[str, Any] | None:
+    """The agreement gate fitted on a split's stored logits (no labels used); None where the rule does not apply."""
+    if split.task != "single_label_classification" or len(split.exit_layers) < 2:
+        return None
+    return fit_gate(split.exit_logits)
 
 
 def exit_costs(model: MultiExitModel, seq_len: int) -> torch.Tensor:
@@ -295,6 +310,8 @@ def sweep_dataset(
 ) -> SweepResult:
     """Every rule's settings (or `policies`) on one labelled dataset: the model runs once, rules replay."""
     split, _, seq_len = split_logits(model, dataset, model.max_length(max_length), batch_size)
+    if policies is None:
+        policies = default_policies(model.config.problem_type, model.num_layers, gate=fit_gate_for(split))
     return sweep(model, split.exit_logits, split.labels, seq_len, policies)
 
 
@@ -325,7 +342,7 @@ def run_sweep(
     reported_on = chosen_on
     if test is not None:
         reported_on, inputs, seq_len = split_logits(model, test[0], max_length, batch_size)
-    policies = default_policies(task, model.num_layers)
+    policies = default_policies(task, model.num_layers, gate=fit_gate_for(chosen_on))  # the gate learns on validation
     curves: dict[str, list[ExitPolicy]] = {}
     for curve, policy in policies:
         curves.setdefault(curve, []).append(policy)
