@@ -10,7 +10,7 @@ from transformers import BertConfig
 
 from badge import ExitPolicy, MultiExitConfig, MultiExitModel
 from badge.comparison import RuleCurve, Scorer, compare_curves, held, mean_over_seeds, paired_bootstrap, upper_hull
-from badge.evaluation import SweepPoint, calibrate, exit_costs, sweep
+from badge.evaluation import SweepPoint, calibrate, exit_costs, exit_logits_for, sweep
 
 
 def point(speedup: float, metric: float, curve: str = "r", **policy) -> SweepPoint:
@@ -126,3 +126,15 @@ def test_sweep_over_stored_logits_reports_every_rule_and_the_oracle_bound(model)
     assert oracle.metric >= max(p.metric for p in result.points if p.curve != "oracle")
     assert all(math.isfinite(p.metric) and 1.0 <= p.layer_speedup <= 4.0 for p in result.points)
     assert ExitPolicy.from_dict(oracle.policy).needs_labels
+
+
+def test_stored_logits_come_back_in_input_order_though_batches_are_sorted_by_length(model) -> None:
+    torch.manual_seed(2)
+    lengths = torch.tensor([9, 3, 12, 5, 3, 7])
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    inputs = {"input_ids": torch.randint(5, 100, (6, 12)) * mask, "attention_mask": mask}
+    logits, mean_length = exit_logits_for(model.eval(), inputs, torch.zeros(6, dtype=torch.long), batch_size=2)
+    for row in range(6):
+        alone = model(inputs["input_ids"][row : row + 1, : lengths[row]], mask[row : row + 1, : lengths[row]])
+        torch.testing.assert_close(logits[row], torch.cat(alone.exit_logits), atol=1e-5, rtol=1e-5)
+    assert mean_length == 6

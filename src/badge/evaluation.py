@@ -270,10 +270,17 @@ def encode_padded(
 def exit_logits_for(
     model: MultiExitModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int = 32
 ) -> tuple[torch.Tensor, int]:
-    """All exits' logits (N, E, K) for padded inputs, and the mean sequence length (for FLOPs)."""
-    loader = length_sorted_batches({**inputs, "labels": labels}, batch_size, sort=False)  # keeps input order
+    """All exits' logits (N, E, K) for padded inputs, in input order, and the mean sequence length (for FLOPs).
+
+    Batches hold texts of similar length, so little time goes into padding."""
+    lengths = inputs["attention_mask"].sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    sorted_inputs = {key: value[order] for key, value in {**inputs, "labels": labels}.items()}
+    loader = length_sorted_batches(sorted_inputs, batch_size, sort=False)
     exit_logits, _ = collect_exit_logits(model, loader, progress=True)
-    return exit_logits, int(inputs["attention_mask"].sum(dim=1).float().mean().round())
+    in_order = torch.empty_like(exit_logits)
+    in_order[order] = exit_logits
+    return in_order, int(lengths.float().mean().round())
 
 
 @dataclass
