@@ -174,7 +174,8 @@ def _build_oracle(task: str, num_layers: int, **_: Any):
 
 
 _GRID_SMALL = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # xjsd needs the top
-_GRID_ENTROPY = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Grids run to thresholds at which nearly every text leaves, so a rule's reach is the rule's, not the grid's.
+_GRID_ENTROPY = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)
 RULES: dict[str, RuleSpec] = {
     spec.name: spec
     for spec in (
@@ -191,7 +192,7 @@ RULES: dict[str, RuleSpec] = {
             "largest probability above tau",
             _build_maxprob,
             ("tau",),
-            {"tau": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
+            {"tau": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
         ),
         RuleSpec(
             "patience",
@@ -212,7 +213,7 @@ RULES: dict[str, RuleSpec] = {
             "learned agreement gate over confidence and divergence features; can leave at the first exit (BADGE v2)",
             _build_gate,
             ("tau", "gate"),
-            {"tau": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
+            {"tau": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
         ),
         RuleSpec("static", "always leave at layer k (`static:k`)", _build_static, ("k",), {"k": tuple(range(1, 25))}),
         RuleSpec("full", "never leave early: every layer runs", _build_full, ()),
