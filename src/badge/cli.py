@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH, TASKS
 from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits, sample, training_overlap
+from badge.folders import FolderError, check_target
 from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import CheckpointError, MultiExitModel, count_flops
 from badge.rules import ExitPolicy
@@ -415,6 +416,14 @@ def _engine_report(
     console.print(table)
 
 
+def _check_target(out_dir: Path, kind: str, model_dir: Path) -> None:
+    """Refuse, before any work, an output folder that is the source or holds something else (`badge.folders`)."""
+    try:
+        check_target(out_dir, kind, [model_dir])
+    except FolderError as error:
+        raise _fail(str(error)) from error
+
+
 @app.command("export")
 def export_command(
     model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
@@ -427,6 +436,7 @@ def export_command(
 
     if format != "onnx":
         raise _fail(f"--format {format!r}: only onnx is supported")
+    _check_target(out_dir, "onnx export", model_dir)
     try:
         folder = export_onnx(model_dir, out_dir, quantize=quantize)
     except (CheckpointError, ValueError) as error:
@@ -456,6 +466,7 @@ def prune_command(
 
     if not 0.0 < heads < 1.0:
         raise _fail(f"--heads {heads} must lie strictly between 0 and 1")
+    _check_target(out_dir, "model", model_dir)
     model = _load_model(model_dir)
     max_length = _max_length(model, max_length)
     columns = (text_column, text_pair_column, label_column, split_seed)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH, MultiExitConfig
+from badge.folders import save_folder
 from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
@@ -390,18 +390,19 @@ class MultiExitModel(PreTrainedModel):
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save config, safetensors weights, tokenizer and `exit_policy.json`; replaces the folder atomically."""
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            super().save_pretrained(staging, **kwargs)
+        """Save config, safetensors weights, tokenizer and `exit_policy.json` into `save_directory`.
+
+        Each file is replaced atomically and every other file in the folder is kept (`badge.folders`);
+        a folder of another kind (an ONNX export, a plain encoder) is refused with `FolderError`.
+        """
+
+        def write(staging: Path) -> None:
+            PreTrainedModel.save_pretrained(self, staging, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             (staging / EXIT_POLICY_FILE).write_text(json.dumps(self.config.exit_policy, indent=2) + "\n")
-            replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        save_folder(save_directory, write, kind="model")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args: Any, **kwargs: Any) -> MultiExitModel:

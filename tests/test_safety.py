@@ -1,0 +1,92 @@
+"""A user's files, models and machine are safe: nothing deleted, no foreign code, no silent wrong answers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from badge import MultiExitModel
+from badge.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model saved as a BADGE folder (module-scoped: tests copy it before changing it)."""
+    model = MultiExitModel.from_encoder(tiny_encoder, label_names=["negative", "positive"], max_seq_length=32)
+    folder = tmp_path_factory.mktemp("safety") / "model"
+    model.save_pretrained(folder)
+    return folder
+
+
+def copy_model(model_dir: Path, tmp_path: Path, name: str = "model") -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / name))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ----- 1. saving writes only its own files ------------------------------------------------------
+def test_saving_a_model_again_keeps_the_sweep_report_and_readme_and_uses_ordinary_permissions(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    folder = copy_model(model_dir, tmp_path)
+    (folder / "README.md").write_text("my notes")
+    (folder / "sweep").mkdir()
+    (folder / "sweep" / "sweep.json").write_text("{}")
+    (folder / "model-00001-of-00002.safetensors").write_text("a shard an earlier save left")
+    previous = os.umask(0o022)
+    try:
+        model = MultiExitModel.from_pretrained(folder)
+        model.config.exit_policy = {"rule": "entropy", "tau": 0.2}
+        model.save_pretrained(folder)  # what `badge calibrate` does
+    finally:
+        os.umask(previous)
+    assert (folder / "README.md").read_text() == "my notes"
+    assert (folder / "sweep" / "sweep.json").read_text() == "{}"
+    assert not (folder / "model-00001-of-00002.safetensors").exists(), "a stale shard of ours is removed"
+    assert MultiExitModel.from_pretrained(folder).config.exit_policy == {"rule": "entropy", "tau": 0.2}
+    assert mode(folder / "model.safetensors") == 0o644 and mode(folder / "config.json") == 0o644
+    fresh = tmp_path / "fresh"
+    previous = os.umask(0o022)
+    try:
+        model.save_pretrained(fresh)
+    finally:
+        os.umask(previous)
+    assert mode(fresh) == 0o755 and mode(fresh / "model.safetensors") == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
+
+
+def test_export_and_prune_keep_unrelated_files_and_never_write_over_the_source(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = runner.invoke(app, ["export", str(model_dir), str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "manifest.json").is_file()
+
+    weights = (model_dir / "model.safetensors").read_bytes()
+    for command in (["export", str(model_dir), str(model_dir)], ["prune", str(model_dir), str(model_dir)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert "is the folder being read" in result.output
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+
+    result = runner.invoke(app, ["prune", str(model_dir), str(out)])  # a model over an ONNX export
+    assert result.exit_code == 2 and "holds an onnx export" in result.output, result.output
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    (pruned / "README.md").write_text("model card")
+    result = runner.invoke(app, ["prune", str(model_dir), str(pruned), "--heads", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert (pruned / "README.md").read_text() == "model card"
+    assert MultiExitModel.from_pretrained(pruned).config.heads_kept
