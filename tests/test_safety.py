@@ -64,9 +64,7 @@ def test_saving_a_model_again_keeps_the_sweep_report_and_readme_and_uses_ordinar
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder is left behind"
 
 
-def test_export_and_prune_keep_unrelated_files_and_never_write_over_the_source(
-    model_dir: Path, tmp_path: Path
-) -> None:
+def test_export_and_prune_keep_unrelated_files_and_never_write_over_the_source(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -90,3 +88,15 @@ def test_export_and_prune_keep_unrelated_files_and_never_write_over_the_source(
     assert result.exit_code == 0, result.output
     assert (pruned / "README.md").read_text() == "model card"
     assert MultiExitModel.from_pretrained(pruned).config.heads_kept
+
+
+# ----- 2. predict never writes over its input -----------------------------------------------------
+def test_predict_refuses_to_write_over_its_own_input_before_any_work(model_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "data.csv"
+    source.write_text("text\nthe movie was great\n")
+    for target in (source, tmp_path / "." / "data.csv"):
+        result = runner.invoke(app, ["predict", str(model_dir), str(source), str(target)])
+        assert result.exit_code == 2 and "is the input file" in result.output, result.output
+    assert source.read_text() == "text\nthe movie was great\n"
+    result = runner.invoke(app, ["predict", str(model_dir), str(source), str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output, result.output

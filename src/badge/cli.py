@@ -634,10 +634,14 @@ def predict_command(
     engine_name: EngineOption = "torch",
 ) -> None:
     """Stream a large file through the early-exit engine in batches; memory stays constant."""
-    from badge.predict import predict_file
+    from badge.predict import check_output, predict_file
 
     if not source.is_file():
         raise _fail(f"input file {source} does not exist")
+    try:
+        check_output(source, target)
+    except DataError as error:
+        raise _fail(str(error)) from error
     engine = _load_engine(model_dir, engine_name, _policy_override(rule, tau, patience, divergence), batch_size)
     _refuse_label_rules(engine.policy)
     model = engine.model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,17 @@ def _reader(path: Path) -> Iterator[dict[str, Any]]:
         raise DataError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded)") from error
 
 
+def check_output(source: Path, target: Path) -> None:
+    """Refuse, before any work, an output that is the input, a folder, or neither .csv nor .jsonl."""
+    if target.is_dir():
+        raise DataError(f"output {target} is a folder; expected a .csv or .jsonl file to write")
+    if target.suffix.lower() not in (".csv", ".jsonl"):
+        raise DataError(f"output {target} has type {target.suffix or 'none'!r}; expected .csv or .jsonl")
+    same = target.exists() and source.exists() and os.path.samefile(source, target)
+    if same or target.resolve() == source.resolve():
+        raise DataError(f"output {target} is the input file; write the predictions to another file")
+
+
 def _count_rows(path: Path) -> int | None:
     with path.open("rb") as handle:
         lines = sum(1 for line in handle if line.strip())
@@ -68,6 +80,7 @@ def predict_file(
     """Classify every row of `source` and write `target` (.csv or .jsonl) with label, probability, exit layer.
 
     Texts are cut to `max_length` tokens (default: what the model was trained with)."""
+    check_output(source, target)
     label_names = engine.model.label_names
     task = engine.model.config.problem_type
     rows = errors = layer_sum = 0
