@@ -100,3 +100,17 @@ def test_predict_refuses_to_write_over_its_own_input_before_any_work(model_dir: 
     assert source.read_text() == "text\nthe movie was great\n"
     result = runner.invoke(app, ["predict", str(model_dir), str(source), str(tmp_path)])
     assert result.exit_code == 2 and "is a folder" in result.output, result.output
+
+
+# ----- 3. a finished run is not overwritten by accident ---------------------------------------------
+def test_training_into_an_existing_run_needs_resume_or_overwrite(tiny_encoder: Path, review_files, tmp_path) -> None:
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "config.json").write_text("{}")
+    command = ["train", "--encoder", str(tiny_encoder), "--train", str(review_files["train"]), "--output", str(run)]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert "already holds a run" in result.output and "--resume" in result.output and "--overwrite" in result.output
+    assert (run / "best" / "config.json").read_text() == "{}"
+    result = runner.invoke(app, [*command, "--resume", "--overwrite"])
+    assert result.exit_code == 2 and "not both" in result.output

@@ -22,7 +22,7 @@ from badge.folders import FolderError, check_target
 from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import CheckpointError, MultiExitModel, count_flops
 from badge.rules import ExitPolicy
-from badge.training import SCHEMES, TrainingArguments, scheme_model_options, train
+from badge.training import SCHEMES, TrainingArguments, check_run_folder, scheme_model_options, train
 
 app = typer.Typer(
     help="BADGE: early-exit BERT-family encoders with block-wise bypasses and divergence-based exiting.",
@@ -189,8 +189,10 @@ def train_command(
     max_train_samples: Annotated[int | None, typer.Option(help="train on a seeded sample of this size")] = None,
     save_steps: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in OUTPUT")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in OUTPUT, replacing its run")] = False,
 ) -> None:
     """Train a multi-exit model on an encoder checkpoint and your data; prints the per-exit table."""
+    _check_run_folder(output, resume, overwrite)
     splits = _load_data(
         dataset,
         train_file,
@@ -215,6 +217,7 @@ def train_command(
             seed=seed,
             save_steps=save_steps,
             resume=resume,
+            overwrite=overwrite,
         )
         options = {
             "problem_type": task.value,
@@ -229,6 +232,13 @@ def train_command(
             options["pooling"] = pooling
         run_training(encoder, splits, args, options)
     except (ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from error
+
+
+def _check_run_folder(output: Path, resume: bool, overwrite: bool) -> None:
+    try:
+        check_run_folder(output, resume, overwrite)
+    except ValueError as error:
         raise _fail(str(error)) from error
 
 
@@ -498,6 +508,7 @@ def prune_command(
         )
         args = TrainingArguments(
             output_dir=str(out_dir) + ".run",
+            overwrite=True,  # the re-training's own scratch folder
             epochs=retrain_epochs,
             max_length=max_length,
             seed=seed,
@@ -724,13 +735,15 @@ def quickstart_command(
         QUICKSTART_TRAIN_SAMPLES
     ),
     seed: Annotated[int, typer.Option(help="seed of sampling, shuffling and initialisation")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in OUTPUT, replacing its run")] = False,
 ) -> None:
     """Train the embedded default: MiniLM-L6 with block-wise bypasses on rotten-tomatoes reviews."""
+    _check_run_folder(output, False, overwrite)
     encoder = quickstart_encoder()
     splits = _load_data(QUICKSTART_DATASET, None, None, None, "text", None, "label", TASKS[0], 0)
     splits["train"] = sample(splits["train"], max_train_samples, seed)
     options = {**QUICKSTART_OPTIONS, "epochs": epochs}
-    args = TrainingArguments(output_dir=str(output), scheme="bb", seed=seed, **options)
+    args = TrainingArguments(output_dir=str(output), scheme="bb", seed=seed, overwrite=overwrite, **options)
     best = run_training(encoder, splits, args, {})
     console.print(
         f"choosing the exit policy ({QUICKSTART_RULE}, at most {QUICKSTART_MAX_DROP} points below the full model)"

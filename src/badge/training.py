@@ -58,6 +58,7 @@ class TrainingArguments:
     seed: int = 0
     save_steps: int = 200
     resume: bool = False
+    overwrite: bool = False
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -115,6 +116,28 @@ def _param_groups(model: MultiExitModel, args: TrainingArguments, stage: int) ->
     ]
 
 
+def check_run_folder(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds one, unless told to `resume` it or `overwrite` it.
+
+    Raises `RunFolderError` naming the folder, what it holds and the two options.
+    """
+    output = Path(output_dir)
+    if resume and overwrite:
+        raise RunFolderError("give --resume (continue the run) or --overwrite (start over), not both")
+    if output.exists() and not output.is_dir():
+        raise RunFolderError(f"--output {output} is a file; expected a run folder")
+    held = [name for name in (BEST, CHECKPOINT) if (output / name).exists()]
+    if held and not (resume or overwrite):
+        raise RunFolderError(
+            f"--output {output} already holds a run ({', '.join(name + '/' for name in held)}); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+
+
+class RunFolderError(ValueError):
+    """A run folder that does not fit the request (a run already there, or no checkpoint to resume)."""
+
+
 # ----- atomic checkpoints --------------------------------------------------------------------
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Write optimizer state as safetensors (tensors) plus JSON (hyper-parameters): nothing pickled."""
@@ -170,6 +193,7 @@ def train(
     console = console or Console(stderr=True)
     main = accelerator.is_main_process
     output = Path(args.output_dir)
+    check_run_folder(output, args.resume, args.overwrite)
     if main:
         output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / CHECKPOINT
