@@ -114,3 +114,36 @@ def test_training_into_an_existing_run_needs_resume_or_overwrite(tiny_encoder: P
     assert (run / "best" / "config.json").read_text() == "{}"
     result = runner.invoke(app, [*command, "--resume", "--overwrite"])
     assert result.exit_code == 2 and "not both" in result.output
+
+
+# ----- 4. a diverged run stops and keeps its last good checkpoint ------------------------------------
+def test_a_loss_that_becomes_nan_stops_training_and_is_never_saved_as_best(
+    tiny_encoder: Path, review_files, tmp_path, monkeypatch
+) -> None:
+    from badge.data import load_file
+    from badge.training import TrainingArguments, TrainingDiverged, train
+
+    task_loss = MultiExitModel.task_loss
+    calls = {"n": 0}
+
+    def loss_that_diverges(self, logits, labels):  # finite for the first 6 steps (4 exits each), then NaN
+        calls["n"] += 1
+        loss = task_loss(self, logits, labels)
+        return loss * float("nan") if calls["n"] > 6 * 4 else loss
+
+    monkeypatch.setattr(MultiExitModel, "task_loss", loss_that_diverges)
+    train_data, validation = load_file(review_files["train"]), load_file(review_files["validation"])
+    model = MultiExitModel.from_encoder(tiny_encoder, label_names=train_data.label_names)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), epochs=1, max_length=32, save_steps=5)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 7 .*last checkpoint .*step 5"):
+        train(model, train_data, validation, args)
+    assert not (tmp_path / "run" / "best").exists()
+    saved = MultiExitModel.from_pretrained(tmp_path / "run" / "checkpoint" / "model")
+    assert all(bool(p.isfinite().all()) for p in saved.parameters())
+
+    result = runner.invoke(
+        app,
+        ["train", "--encoder", str(tiny_encoder), "--train", str(review_files["train"]), "--output",
+         str(tmp_path / "nan"), "--encoder-lr", "nan"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "encoder_lr nan must be a finite number" in result.output, result.output

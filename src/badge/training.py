@@ -68,6 +68,12 @@ class TrainingArguments:
             raise ValueError(f"epochs {self.epochs} must be > 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size} must be >= 1")
+        for name in ("encoder_lr", "head_lr", "weight_decay", "warmup_ratio"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} {value} must be a finite number >= 0")
+        if not math.isfinite(self.epochs):
+            raise ValueError(f"epochs {self.epochs} must be a finite number > 0")
 
 
 @dataclass
@@ -132,6 +138,10 @@ def check_run_folder(output_dir: str | Path, resume: bool, overwrite: bool) -> N
             f"--output {output} already holds a run ({', '.join(name + '/' for name in held)}); "
             "pass --resume to continue it or --overwrite to replace it"
         )
+
+
+class TrainingDiverged(ValueError):
+    """The loss stopped being a finite number; training stopped before the bad weights were saved."""
 
 
 class RunFolderError(ValueError):
@@ -270,6 +280,7 @@ def train(
             ddp_model.train()
             for batch in batches:
                 out = ddp_model(**batch, exit_weights=weights)
+                _stop_if_diverged(accelerator, out.loss, loop_state, checkpoint, output)
                 accelerator.backward(out.loss)
                 optimizer.step()
                 scheduler.step()
@@ -289,6 +300,31 @@ def train(
         progress.close()
     accelerator.wait_for_everyone()
     return TrainingResult(best_dir=output / BEST, best_metric=loop_state["best"], history=loop_state["history"])
+
+
+def _stop_if_diverged(
+    accelerator: Accelerator, loss: torch.Tensor, loop_state: dict, checkpoint: Path, output: Path
+) -> None:
+    """Raise `TrainingDiverged` (on every process) when any process's loss is NaN or infinite.
+
+    Checked before the backward pass, so the weights that gave the loss are neither updated nor saved:
+    the last checkpoint and `best` stay as they were.
+    """
+    losses = accelerator.gather(loss.detach().reshape(1))  # (processes,)
+    if bool(torch.isfinite(losses).all()):
+        return
+    saved = checkpoint / STATE_FILE
+    kept = (
+        f"the last checkpoint ({checkpoint}, step {json.loads(saved.read_text())['global_step']})"
+        if saved.is_file()
+        else "no checkpoint (none was written yet)"
+    )
+    best = f"{output / BEST} is unchanged" if (output / BEST).is_dir() else f"no {BEST} model was saved"
+    raise TrainingDiverged(
+        f"the training loss became {losses[~torch.isfinite(losses)][0].item()} at step "
+        f"{loop_state['global_step'] + 1} (epoch {loop_state['epoch'] + 1}); training stopped. Kept {kept}; {best}. "
+        "Lower --encoder-lr / --head-lr and start over with --overwrite"
+    )
 
 
 def _checkpoint(
