@@ -147,3 +147,44 @@ def test_a_loss_that_becomes_nan_stops_training_and_is_never_saved_as_best(
          str(tmp_path / "nan"), "--encoder-lr", "nan"],
     )  # fmt: skip
     assert result.exit_code == 2 and "encoder_lr nan must be a finite number" in result.output, result.output
+
+
+# ----- 6. no code shipped in a folder runs, and nothing is read from standard input ----------------------
+class _WatchedStdin:
+    """Standard input of a person who would answer "y"; records every read."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def readline(self, *args) -> str:
+        self.reads += 1
+        return "y\n"
+
+    read = readline
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("config_file", ["tokenizer_config.json", "config.json"])
+def test_a_folder_asking_to_run_its_own_code_is_refused_without_a_prompt(
+    model_dir: Path, tiny_encoder: Path, tmp_path, monkeypatch, config_file: str
+) -> None:
+    import json
+    import sys
+
+    marker = tmp_path / "code-ran"
+    for folder in (copy_model(model_dir, tmp_path), Path(shutil.copytree(tiny_encoder, tmp_path / "encoder"))):
+        settings = json.loads((folder / config_file).read_text())
+        settings.pop("tokenizer_class", None)
+        settings["auto_map"] = {"AutoTokenizer": ["shipped.Tokenizer", None], "AutoConfig": "shipped.Config"}
+        (folder / config_file).write_text(json.dumps(settings))
+        (folder / "shipped.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    stdin = _WatchedStdin()
+    monkeypatch.setattr(sys, "stdin", stdin)
+    (tmp_path / "in.csv").write_text("text\na great film\n")
+    result = runner.invoke(app, ["predict", str(tmp_path / "model"), str(tmp_path / "in.csv"), str(tmp_path / "o.csv")])
+    assert result.exit_code == 2 and "never runs code shipped" in result.output, result.output
+    with pytest.raises(ValueError, match="never runs code shipped"):
+        MultiExitModel.from_encoder(tmp_path / "encoder", label_names=["a", "b"])
+    assert not marker.exists() and stdin.reads == 0

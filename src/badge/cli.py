@@ -244,9 +244,16 @@ def _check_run_folder(output: Path, resume: bool, overwrite: bool) -> None:
 
 def _load_model(model_dir: Path) -> MultiExitModel:
     try:
-        return MultiExitModel.from_pretrained(model_dir)
-    except CheckpointError as error:
+        model = MultiExitModel.from_pretrained(model_dir)
+    except (CheckpointError, FolderError) as error:
         raise _fail(str(error)) from error
+    _require_tokenizer(model, model_dir)
+    return model
+
+
+def _require_tokenizer(model: Any, model_dir: Path) -> None:
+    if getattr(model, "tokenizer", None) is None:
+        raise _fail(f"{model_dir} has no tokenizer files (tokenizer.json, vocab.txt ...); copy the encoder's into it")
 
 
 def _labelled_split(
@@ -619,9 +626,11 @@ def _load_engine(path: Path, engine: str, policy: ExitPolicy | None, batch_size:
     if engine not in ("torch", "onnx"):
         raise _fail(f"--engine {engine!r} is not one of torch, onnx")
     try:
-        return load_engine(path, engine, policy, batch_size)
+        loaded = load_engine(path, engine, policy, batch_size)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from error
+    _require_tokenizer(loaded.model, path)
+    return loaded
 
 
 TauOption = Annotated[float | None, typer.Option(help="threshold of --rule")]

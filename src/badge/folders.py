@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -141,3 +142,58 @@ def save_folder(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# Files from which a tokenizer's vocabulary can be read (a fast tokenizer's tokenizer.json, or a slow one's vocabulary).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> Any:
+    """The tokenizer saved in folder `path`, never running code shipped in the folder (`trust_remote_code=False`).
+
+    `vocab_size` (the model's embedding rows) is checked against the tokenizer. Raises `FolderError` naming the
+    folder when no vocabulary file is there, when the tokenizer cannot be read, or when its vocabulary does
+    not fit the model (a tokenizer that knows only its special tokens would map every word to [UNK]).
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    refuse_shipped_code(folder)
+    if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        raise FolderError(
+            f"{folder} has no tokenizer vocabulary: expected one of {list(VOCABULARY_FILES)} "
+            "(copy the tokenizer files of the encoder the model was trained from)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise FolderError(f"the tokenizer files in {folder} cannot be read: {error}") from error
+    size, special = len(tokenizer), len(set(tokenizer.all_special_ids))
+    if size <= special:
+        raise FolderError(
+            f"the tokenizer in {folder} knows only {size} tokens, its special tokens: every word would become "
+            "[UNK]; expected the vocabulary of the encoder the model was trained from"
+        )
+    if vocab_size is not None and size > vocab_size:
+        raise FolderError(
+            f"the tokenizer in {folder} has {size} tokens but the model embeds only {vocab_size}; "
+            "expected the tokenizer of the encoder the model was trained from"
+        )
+    return tokenizer
+
+
+def refuse_shipped_code(folder: Path) -> None:
+    """Raise `FolderError` when config.json or tokenizer_config.json asks to run Python shipped with it (`auto_map`).
+
+    Every load passes `trust_remote_code=False` as well; this check only gives the clearer message.
+    """
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            settings = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the load that needs it reports that
+        if isinstance(settings, dict) and settings.get("auto_map"):
+            raise FolderError(
+                f"{folder / name} names code to run from the folder (auto_map {settings['auto_map']}); "
+                "badge never runs code shipped with a model: remove auto_map to use the standard classes"
+            )

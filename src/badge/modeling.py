@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH, MultiExitConfig
-from badge.folders import save_folder
+from badge.folders import TOKENIZER_FILES, load_tokenizer, refuse_shipped_code, save_folder
 from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
@@ -367,6 +367,7 @@ class MultiExitModel(PreTrainedModel):
             raise CheckpointError(f"{path} has no config.json: expected a Hugging Face encoder folder")
         if not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path} has no model.safetensors: only safetensors weights are loaded")
+        refuse_shipped_code(path)
         if label_names is not None:
             num_labels = len(label_names) if num_labels is None else num_labels
             if num_labels != len(label_names):
@@ -375,10 +376,10 @@ class MultiExitModel(PreTrainedModel):
             raise ValueError("give num_labels or label_names")
         if label_names is None:
             label_names = ["value"] if problem_type == "regression" else [str(i) for i in range(num_labels)]
-        encoder = AutoModel.from_pretrained(path, use_safetensors=True)
+        encoder = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
         exit_options.setdefault("pooling", declared_pooling(path))
         config = MultiExitConfig(
-            backbone=AutoConfig.from_pretrained(path).to_dict(),
+            backbone=AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict(),
             num_labels=num_labels,
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
@@ -386,7 +387,7 @@ class MultiExitModel(PreTrainedModel):
             **exit_options,
         )
         model = cls(config, encoder=encoder)
-        model.tokenizer = AutoTokenizer.from_pretrained(path)
+        model.tokenizer = load_tokenizer(path, encoder.config.vocab_size)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -427,8 +428,8 @@ class MultiExitModel(PreTrainedModel):
             model = super().from_pretrained(path, *args, config=config, **kwargs)
         except Exception as error:  # safetensors raises its own types for truncated or corrupt files
             raise CheckpointError(f"{path}/model.safetensors cannot be loaded: {error}") from error
-        if (path / "tokenizer_config.json").is_file():
-            model.tokenizer = AutoTokenizer.from_pretrained(path)
+        if any((path / name).is_file() for name in TOKENIZER_FILES):
+            model.tokenizer = load_tokenizer(path, model.encoder.config.vocab_size)
         return model
 
 

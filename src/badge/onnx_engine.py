@@ -27,10 +27,9 @@ from typing import Any
 import onnxruntime as ort
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from badge.engine import EarlyExitEngine
-from badge.folders import save_folder
+from badge.folders import TOKENIZER_FILES, load_tokenizer, save_folder
 from badge.modeling import AttentionInputs, MultiExitModel
 from badge.quantize import check_mode, quantize_onnx
 from badge.rules import ExitPolicy
@@ -255,7 +254,7 @@ class OnnxMultiExitModel:
         self.exits = {int(layer): session(name) for layer, name in files["exits"].items()}
         self.embedding_inputs = {node.name for node in self.embeddings.get_inputs()}
         self.exit_inputs = {layer: {node.name for node in s.get_inputs()} for layer, s in self.exits.items()}
-        self.tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+        self.tokenizer = load_tokenizer(folder) if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
 
     @property
     def num_layers(self) -> int:
