@@ -188,3 +188,25 @@ def test_a_folder_asking_to_run_its_own_code_is_refused_without_a_prompt(
     with pytest.raises(ValueError, match="never runs code shipped"):
         MultiExitModel.from_encoder(tmp_path / "encoder", label_names=["a", "b"])
     assert not marker.exists() and stdin.reads == 0
+
+
+# ----- 5. a model folder without its vocabulary is refused, not run with a 5-token tokenizer -------------
+def test_a_model_folder_without_its_vocabulary_is_refused_instead_of_labelling_every_row_the_same(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    folder = copy_model(model_dir, tmp_path)
+    for name in ("tokenizer.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    data = tmp_path / "in.csv"
+    data.write_text("text,label\na great film,positive\na dull film,negative\n")
+    for command in (
+        ["predict", str(folder), str(data), str(tmp_path / "o.csv")],
+        ["evaluate", str(folder), "--data", str(data)],
+    ):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert "has no tokenizer vocabulary" in result.output and "tokenizer.json" in result.output
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    result = runner.invoke(app, ["evaluate", str(folder), "--data", str(data)])
+    assert result.exit_code == 2 and "has no tokenizer files" in result.output, result.output
