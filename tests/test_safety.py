@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import make_encoder
 from typer.testing import CliRunner
 
 from badge import MultiExitModel
@@ -210,3 +211,41 @@ def test_a_model_folder_without_its_vocabulary_is_refused_instead_of_labelling_e
         (folder / name).unlink(missing_ok=True)
     result = runner.invoke(app, ["evaluate", str(folder), "--data", str(data)])
     assert result.exit_code == 2 and "has no tokenizer files" in result.output, result.output
+
+
+# ----- 7. resume checks its settings, leaves no debris and finds a checkpoint a kill left aside -----------
+def test_resume_names_a_changed_setting_and_recovers_a_checkpoint_a_kill_left_aside(
+    tiny_encoder: Path, review_files, tmp_path
+) -> None:
+    run = tmp_path / "run"
+    base = [
+        "train",
+        "--encoder",
+        str(tiny_encoder),
+        "--train",
+        str(review_files["train"]),
+        "--validation",
+        str(review_files["validation"]),
+        "--output",
+        str(run),
+        "--max-length",
+        "32",
+        "--epochs",
+        "0.25",
+    ]
+    result = runner.invoke(app, base)  # 4 steps of 16 rows: its checkpoint is at step 4
+    assert result.exit_code == 0, result.output
+    # A kill between the two renames of a checkpoint save: the checkpoint is aside, a staging folder is left.
+    os.replace(run / "checkpoint", run / ".checkpoint.old")
+    (run / ".checkpoint.k3j2x9").mkdir()
+    result = runner.invoke(app, [*base, "--batch-size", "8", "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "batch_size 16 (this run: 8)" in result.output and "--overwrite" in result.output
+    other = make_encoder(tmp_path / "other", layers=2)
+    result = runner.invoke(app, [*base, "--resume", "--encoder", str(other)])
+    assert result.exit_code == 2 and "encoder" in result.output and "Traceback" not in result.output, result.output
+    result = runner.invoke(app, [*base, "--resume", "--save-steps", "50"])  # a setting that does not matter
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and "step 4" in result.output
+    assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoint"]
+    assert mode(run / "checkpoint") == mode(run / "best")

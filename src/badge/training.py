@@ -8,8 +8,10 @@ position as JSON) is written atomically to `OUTPUT/checkpoint` every `save_steps
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from badge.data import TextDataset
 from badge.evaluation import collect_exit_logits, make_loader
+from badge.folders import ordinary_mode
 from badge.metrics import exit_table, per_exit_metrics, primary_metric_name
 from badge.modeling import MultiExitModel, replace_directory
 
@@ -148,6 +151,88 @@ class RunFolderError(ValueError):
     """A run folder that does not fit the request (a run already there, or no checkpoint to resume)."""
 
 
+# Settings a resumed run must share with its checkpoint: each changes which examples come next or the schedule.
+RESUME_SETTINGS = (
+    "scheme",
+    "epochs",
+    "batch_size",
+    "encoder_lr",
+    "head_lr",
+    "weight_decay",
+    "warmup_ratio",
+    "max_length",
+    "seed",
+    "max_steps",
+)
+# Model settings a resumed run must share with its checkpoint (the encoder is compared as a whole).
+RESUME_MODEL_SETTINGS = (
+    "num_labels",
+    "id2label",
+    "problem_type",
+    "exit_layers",
+    "use_bypass",
+    "bypass_dim",
+    "block_size",
+    "gamma",
+    "pooling",
+    "loss_weights",
+)
+_VOLATILE_BACKBONE_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+
+
+def data_fingerprint(dataset: TextDataset) -> str:
+    """sha256 of a dataset's texts, pairs and labels, in order: two runs see the same examples iff it matches."""
+    digest = hashlib.sha256()
+    for text, pair, label in zip(
+        dataset.texts, dataset.text_pairs or [None] * len(dataset), dataset.labels or [None] * len(dataset), strict=True
+    ):
+        digest.update(json.dumps([text, pair, label]).encode())
+    return digest.hexdigest()
+
+
+def resume_mismatches(
+    loop_state: dict[str, Any], saved: MultiExitModel, model: MultiExitModel, args: TrainingArguments, run: dict
+) -> list[str]:
+    """What differs between a checkpoint (its loop state and model) and the run asked to resume it.
+
+    `run` holds this run's `processes` and `data` fingerprints. Returns one line per difference.
+    """
+    before, now = loop_state.get("args", {}), asdict(args)
+    found = [
+        f"{name} {before[name]!r} (this run: {now[name]!r})"
+        for name in RESUME_SETTINGS
+        if name in before and before[name] != now[name]
+    ]
+    for key, value in run.items():
+        if key in loop_state and loop_state[key] != value:
+            what = "processes" if key == "processes" else "training and validation data (file, sample or split)"
+            found.append(what if key == "data" else f"{what} {loop_state[key]!r} (this run: {value!r})")
+
+    def backbone(config: Any) -> dict:  # as config.json holds it (JSON keys are strings)
+        kept = {k: v for k, v in config.backbone.items() if k not in _VOLATILE_BACKBONE_KEYS}
+        return json.loads(json.dumps(kept, default=str))
+
+    if backbone(saved.config) != backbone(model.config):
+        shown = {k: backbone(saved.config).get(k) for k in ("model_type", "hidden_size", "num_hidden_layers")}
+        found.append(f"encoder {shown} (this run's encoder differs)")
+    for name in RESUME_MODEL_SETTINGS:
+        old, new = (json.loads(json.dumps(getattr(c.config, name, None), default=str)) for c in (saved, model))
+        if old != new:
+            found.append(f"{name} {old!r} (this run: {new!r})")
+    return found
+
+
+def tidy_run_folder(output: Path) -> None:
+    """Undo what a kill while checkpointing leaves: a complete `.checkpoint.old` becomes the checkpoint again
+    when the checkpoint is missing; unfinished `.checkpoint.*` staging folders (ours by name) are removed."""
+    checkpoint, old = output / CHECKPOINT, output / f".{CHECKPOINT}.old"
+    if not checkpoint.exists() and (old / STATE_FILE).is_file() and (old / "model").is_dir():
+        os.replace(old, checkpoint)  # killed between the two renames of `replace_directory`
+    for debris in output.glob(f".{CHECKPOINT}.*"):
+        if debris.is_dir():
+            shutil.rmtree(debris, ignore_errors=True)
+
+
 # ----- atomic checkpoints --------------------------------------------------------------------
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Write optimizer state as safetensors (tensors) plus JSON (hyper-parameters): nothing pickled."""
@@ -175,6 +260,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 def _write_checkpoint(model: MultiExitModel, optimizer: Any, loop_state: dict[str, Any], target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(ordinary_mode(directory=True))  # mkdtemp makes it 0700
     try:
         model.save_pretrained(staging / "model")
         save_optimizer(optimizer, staging)
@@ -206,7 +292,13 @@ def train(
     check_run_folder(output, args.resume, args.overwrite)
     if main:
         output.mkdir(parents=True, exist_ok=True)
+        tidy_run_folder(output)
+    accelerator.wait_for_everyone()
     checkpoint = output / CHECKPOINT
+    run = {
+        "processes": accelerator.num_processes,
+        "data": {"train": data_fingerprint(train_data), "validation": data_fingerprint(validation_data)},
+    }
     loop_state: dict[str, Any] = {
         "epoch": 0,
         "step_in_epoch": 0,
@@ -214,13 +306,22 @@ def train(
         "best": -math.inf,
         "history": [],
         "args": asdict(args),
+        **run,
     }
     if args.resume:
         if not (checkpoint / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint} to resume from")
         loop_state = json.loads((checkpoint / STATE_FILE).read_text())
         saved = MultiExitModel.from_pretrained(checkpoint / "model")
+        mismatches = resume_mismatches(loop_state, saved, model, args, run)
+        if mismatches:
+            raise RunFolderError(
+                f"--resume: the checkpoint in {checkpoint} was written with "
+                + "; ".join(mismatches)
+                + ". Resume with the checkpoint's settings, or start over with --overwrite"
+            )
         model.load_state_dict(saved.state_dict())
+        loop_state.update(args=asdict(args), **run)  # settings that do not matter (save_steps) may change
         if main:
             console.print(
                 f"resuming from {checkpoint} at epoch {loop_state['epoch'] + 1}, step {loop_state['global_step']}"
