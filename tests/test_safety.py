@@ -249,3 +249,93 @@ def test_resume_names_a_changed_setting_and_recovers_a_checkpoint_a_kill_left_as
     assert "resuming from" in result.output and "step 4" in result.output
     assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoint"]
     assert mode(run / "checkpoint") == mode(run / "best")
+
+
+# ----- 9. predict reads as training does, answers every bad row, and resumes -----------------------------
+def test_predict_writes_an_error_row_for_each_unreadable_row_with_the_reason_training_gives(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from badge.data import DataError, load_file
+
+    lines = [
+        '{"text": "a great film"}',
+        "[1, 2]",
+        '[{"text": "one line"}, {"text": "holding an array"}]',
+        '{"review": "no text key"}',
+        "{not json",
+        '{"text": "", "label": "positive"}',
+        '{"text": "the plot was dull"}',
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    target = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["predict", str(model_dir), str(source), str(target)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["row"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert [bool(r["error"]) for r in rows] == [False, True, True, True, True, True, False]
+    assert "is [1, 2]; expected an object" in rows[1]["error"] and 'no "text" field' in rows[3]["error"]
+    assert "not valid JSON" in rows[4]["error"] and "is empty" in rows[5]["error"]
+    for number in (2, 4, 5):  # training stops at the same row with the same words
+        single = tmp_path / f"row{number}.jsonl"
+        single.write_text('{"text": "fine"}\n' * (number - 1) + lines[number - 1] + "\n")
+        with pytest.raises(DataError) as raised:
+            load_file(single, require_labels=False)
+        assert str(raised.value).replace(str(single), "F") == rows[number - 1]["error"].replace(str(source), "F")
+
+    long_csv = tmp_path / "long.csv"
+    long_csv.write_bytes("\ufefftext\n".encode() + b'"' + b"good " * 220_000 + b'"\nquite dull\n')  # BOM, 1 MB field
+    result = runner.invoke(app, ["predict", str(model_dir), str(long_csv), str(tmp_path / "long.csv.out.csv")])
+    assert result.exit_code == 0, result.output
+    assert len(list(csv_rows(tmp_path / "long.csv.out.csv"))) == 2
+
+    for empty, expected in (("", "is empty"), ("text\n", "has a header")):
+        (tmp_path / "empty.csv").write_text(empty)
+        result = runner.invoke(app, ["predict", str(model_dir), str(tmp_path / "empty.csv"), str(tmp_path / "e.csv")])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert not (tmp_path / "e.csv").exists() and not (tmp_path / "e.csv.partial").exists()
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_an_interrupted_predict_resumes_to_exactly_the_rows_of_an_uninterrupted_run(
+    model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from badge.engine import EarlyExitEngine
+
+    source = tmp_path / "in.csv"
+    texts = [f"the film was {'good' if i % 3 else 'dull'} and {'' if i % 7 else 'warm'}" for i in range(60)]
+    texts[10] = " "
+    source.write_text("text\n" + "\n".join(texts) + "\n")
+    whole, resumed = tmp_path / "whole.csv", tmp_path / "resumed.csv"
+    command = ["predict", str(model_dir), str(source)]
+    assert runner.invoke(app, [*command, str(whole), "--batch-size", "1"]).exit_code == 0
+
+    classify, calls = EarlyExitEngine.classify, {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return classify(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EarlyExitEngine, "classify", interrupted)
+        result = runner.invoke(app, [*command, str(resumed), "--batch-size", "1"])  # 8 rows per engine batch
+    assert result.exit_code == 130 and "--resume" in result.output, result.output
+    partial = tmp_path / "resumed.csv.partial"
+    assert not resumed.exists() and len(csv_rows(partial)) == 19  # rows 1-8, 9-10, the empty 11, 12-19
+    with partial.open("a") as handle:
+        handle.write("20,posit")  # a record the kill cut in half
+    result = runner.invoke(app, [*command, str(resumed), "--batch-size", "1", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert resumed.read_bytes() == whole.read_bytes() and not partial.exists()
+    result = runner.invoke(app, [*command, str(resumed), "--resume"])
+    assert result.exit_code == 2 and "no partial output" in result.output

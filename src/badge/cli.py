@@ -652,9 +652,10 @@ def predict_command(
     patience: PatienceOption = None,
     divergence: DivergenceOption = None,
     engine_name: EngineOption = "torch",
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from TARGET.partial")] = False,
 ) -> None:
     """Stream a large file through the early-exit engine in batches; memory stays constant."""
-    from badge.predict import check_output, predict_file
+    from badge.predict import check_output, partial_path, predict_file
 
     if not source.is_file():
         raise _fail(f"input file {source} does not exist")
@@ -675,13 +676,17 @@ def predict_command(
             text_pair_column=text_pair_column,
             batch_size=batch_size * 8,
             max_length=max_length,
+            resume=resume,
         )
     except DataError as error:
         raise _fail(str(error)) from error
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the rows so far are in {partial_path(target)}; add --resume to continue")
+        raise typer.Exit(code=130) from None
     console.print(
         f"wrote {summary.rows} rows to {target} with policy {engine.policy}: mean exit layer "
         f"{summary.mean_exit_layer:.2f} of {model.num_layers}"
-        + (f"; [yellow]{summary.errors} rows had no text[/] (see their error column)" if summary.errors else "")
+        + (f"; [yellow]{summary.errors} rows could not be read[/] (see their error column)" if summary.errors else "")
     )
 
 
