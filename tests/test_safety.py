@@ -339,3 +339,38 @@ def test_an_interrupted_predict_resumes_to_exactly_the_rows_of_an_uninterrupted_
     assert resumed.read_bytes() == whole.read_bytes() and not partial.exists()
     result = runner.invoke(app, [*command, str(resumed), "--resume"])
     assert result.exit_code == 2 and "no partial output" in result.output
+
+
+# ----- 10. labels mean what they say --------------------------------------------------------------------
+def test_numeric_labels_make_the_classes_a_person_means_and_gaps_or_duplicate_columns_are_refused(
+    tmp_path: Path,
+) -> None:
+    from badge.data import DataError, load_file
+
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("text,label\na,0\nb,1\nc,1.0\nd,0.0\n")
+    loaded = load_file(mixed)
+    assert loaded.label_names == ["0", "1"] and loaded.labels == [0, 1, 1, 0]
+    jsonl = tmp_path / "numbers.jsonl"
+    jsonl.write_text('{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n')
+    assert load_file(jsonl).labels == [1, 0]
+
+    for labels, shown in (([0, 1000000], r"ids 1, 2, 3, 4, 5 \.\.\. \(999999 in all\) never appear"),
+                          ([1, 2, 3, 4, 5], r"ids 0 never appear; number the 5 classes 0\.\.4")):  # fmt: skip
+        path = tmp_path / "ids.csv"
+        path.write_text("text,label\n" + "".join(f"t{label},{label}\n" for label in labels))
+        with pytest.raises(DataError, match=shown):
+            load_file(path)
+    fraction = tmp_path / "fraction.csv"
+    fraction.write_text("text,label\na,0\nb,0.5\n")
+    with pytest.raises(DataError, match=r'label "0.5" in row 2 .* is a fraction'):
+        load_file(fraction)
+
+    twice = tmp_path / "twice.csv"
+    twice.write_text("text,label,text\na,0,b\n")
+    with pytest.raises(DataError, match=r'names the column\(s\) \["text"\] more than once'):
+        load_file(twice)
+    keys = tmp_path / "keys.jsonl"
+    keys.write_text('{"text": "a", "label": 0, "text": "b"}\n')
+    with pytest.raises(DataError, match=r'row 1 \(line 1\) of .* names the key\(s\) \["text"\] more than once'):
+        load_file(keys)

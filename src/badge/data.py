@@ -407,10 +407,52 @@ def _label_tokens(table: _Table, index: int, column: str, multi_label: bool) -> 
     return tokens
 
 
-def _collect_names(tokens: list[str]) -> list[str]:
-    """Label names found in a file: ids 0..max when every label is an integer, else sorted unique names."""
+def _number(token: str) -> float | None:
+    try:
+        value = float(token)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _canonical_ids(cells: list[list[str]], table: _Table, column: str) -> list[list[str]]:
+    """Labels written as numbers, made ids: "1.0" and "1" are one class. Only when every label is a number;
+    a fraction (0.5) is refused, as it is no class id."""
+    numbers = {token: _number(token) for tokens in cells for token in tokens}
+    if not numbers or any(value is None for value in numbers.values()):
+        return cells
+    for index, tokens in enumerate(cells):
+        for token in tokens:
+            if not numbers[token].is_integer():
+                raise _cell_error(
+                    table,
+                    index,
+                    column,
+                    "label",
+                    token,
+                    "is a fraction; expected a class name or an integer class id (for numeric targets use the "
+                    "regression task)",
+                )
+    return [[str(int(numbers[token])) for token in tokens] for tokens in cells]
+
+
+def _collect_names(tokens: list[str], table: _Table, column: str) -> list[str]:
+    """Label names found in a file: ids 0..max when every label is an integer, else sorted unique names.
+
+    Integer ids must cover 0..max: a gap would be a class that is never seen (labels 1..5 leave class 0
+    empty; labels 0 and 1000000 would make a million classes), so it raises `DataError`.
+    """
     if all(token.isdigit() for token in tokens):
-        return [str(i) for i in range(max(int(token) for token in tokens) + 1)]
+        present = {int(token) for token in tokens}
+        missing = sorted(set(range(max(present) + 1)) - present)
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise DataError(
+                f'the integer labels in column "{column}" of {table.source} are read as class ids 0..{max(present)}, '
+                f"but ids {shown} never appear; number the {len(present)} classes 0..{len(present) - 1}, "
+                "or write the labels as names"
+            )
+        return [str(i) for i in range(max(present) + 1)]
     return sorted(set(tokens))
 
 
@@ -431,10 +473,12 @@ def _labels(table: _Table, column: str, task: str, label_names: list[str] | None
         return targets, None
     multi_label = task == "multi_label_classification"
     cells = [_label_tokens(table, index, column, multi_label) for index in range(len(table.rows))]
+    if not (label_names or table.class_names.get(column)) or all(name.isdigit() for name in label_names or []):
+        cells = _canonical_ids(cells, table, column)
     found = [token for tokens in cells for token in tokens]
     if not found and not label_names:
         raise DataError(f'column "{column}" of {table.source} holds no labels; pass label_names or fill the column')
-    names = label_names or table.class_names.get(column) or _collect_names(found)
+    names = label_names or table.class_names.get(column) or _collect_names(found, table, column)
     ids_of = {name: i for i, name in enumerate(names)}
     labels = []
     for index, tokens in enumerate(cells):
