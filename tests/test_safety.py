@@ -374,3 +374,22 @@ def test_numeric_labels_make_the_classes_a_person_means_and_gaps_or_duplicate_co
     keys.write_text('{"text": "a", "label": 0, "text": "b"}\n')
     with pytest.raises(DataError, match=r'row 1 \(line 1\) of .* names the key\(s\) \["text"\] more than once'):
         load_file(keys)
+
+
+# ----- 8. lengths and steps out of range are refused up front ---------------------------------------------
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-length", "0", "max_length 0 must be an integer >= 2"),
+        ("--max-length", "-1", "max_length -1 must be an integer >= 2"),
+        ("--max-length", "100", "max length 100 exceeds the 64 positions of this bert encoder"),
+        ("--save-steps", "0", "save_steps 0 must be an integer >= 1"),
+    ],
+)
+def test_train_refuses_a_max_length_or_save_steps_out_of_range(
+    tiny_encoder: Path, review_files, tmp_path, option: str, value: str, message: str
+) -> None:
+    command = ["train", "--encoder", str(tiny_encoder), "--train", str(review_files["train"])]
+    result = runner.invoke(app, [*command, "--output", str(tmp_path / "run"), option, value])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "run" / "checkpoint").exists()

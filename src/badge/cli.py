@@ -105,6 +105,7 @@ def run_training(
         )
     except (CheckpointError, ValueError) as error:
         raise _fail(str(error)) from error
+    _max_length(model, args.max_length)  # within the encoder's positions, before any work
     console.print(
         f"[bold]{encoder}[/]: {model.family}, {model.num_layers} layers, exits after {model.exit_layers}, "
         f"pooling {model.config.pooling}, bypass {'on' if model.config.use_bypass else 'off'} "
@@ -137,6 +138,8 @@ MaxLengthOption = Annotated[int | None, typer.Option(help="tokens per text (defa
 def _max_length(model: Any, requested: int | None) -> int:
     """Tokens per text for `model`: `requested`, else what it was trained with (checked for a PyTorch model)."""
     if not isinstance(model, MultiExitModel):  # an ONNX export keeps its own shapes
+        if requested is not None and requested < 2:
+            raise _fail(f"--max-length {requested} must be an integer >= 2 (tokens per text, special tokens included)")
         return requested or getattr(model.config, "max_seq_length", None) or DEFAULT_MAX_SEQ_LENGTH
     try:
         return model.max_length(requested)

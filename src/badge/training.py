@@ -69,8 +69,10 @@ class TrainingArguments:
             raise ValueError(f"scheme {self.scheme!r} is not one of {list(SCHEMES)}")
         if self.epochs <= 0:
             raise ValueError(f"epochs {self.epochs} must be > 0")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size {self.batch_size} must be >= 1")
+        for name, least in (("batch_size", 1), ("eval_batch_size", 1), ("save_steps", 1), ("max_length", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} {value!r} must be an integer >= {least}")
         for name in ("encoder_lr", "head_lr", "weight_decay", "warmup_ratio"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
