@@ -413,16 +413,14 @@ class MultiExitModel(PreTrainedModel):
             raise CheckpointError(f"{path} is not a saved BADGE model: config.json is missing")
         if not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path} is not a saved BADGE model: model.safetensors is missing")
-        try:
-            config = MultiExitConfig.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"{path}/config.json cannot be read: {error}") from error
+        config = read_config(path)
         policy_file = path / EXIT_POLICY_FILE
         if policy_file.is_file():
             try:
                 config.exit_policy = json.loads(policy_file.read_text())
             except json.JSONDecodeError as error:
                 raise CheckpointError(f"{policy_file} is not valid JSON: {error}") from error
+        check_exit_policy(config.exit_policy, policy_file if policy_file.is_file() else path / "config.json")
         kwargs.setdefault("use_safetensors", True)
         try:
             model = super().from_pretrained(path, *args, config=config, **kwargs)
@@ -431,6 +429,38 @@ class MultiExitModel(PreTrainedModel):
         if any((path / name).is_file() for name in TOKENIZER_FILES):
             model.tokenizer = load_tokenizer(path, model.encoder.config.vocab_size)
         return model
+
+
+def read_config(path: Path) -> MultiExitConfig:
+    """The `MultiExitConfig` in `path/config.json`; `CheckpointError` naming the file when a value has the wrong
+    type or range (a string for `num_labels`, a list for `id2label` ...)."""
+    try:
+        config = MultiExitConfig.from_pretrained(path)
+        config.backbone_config()
+        names = [config.id2label[i] for i in range(config.num_labels)]
+    except Exception as error:  # a config is user data: any failure to read it is the file's fault
+        raise CheckpointError(
+            f"{path}/config.json cannot be read as a BADGE model config ({type(error).__name__}: {error}); "
+            "expected the file `save_pretrained` wrote"
+        ) from error
+    if not all(isinstance(name, str) for name in names):
+        raise CheckpointError(f"{path}/config.json: label names {names} must be strings")
+    return config
+
+
+def check_exit_policy(policy: Any, where: Path) -> None:
+    """Raise `CheckpointError` naming `where` unless `policy` is a valid exit policy (`ExitPolicy.from_dict`)."""
+    from badge.rules import ExitPolicy
+
+    example = '{"rule": "entropy", "tau": 0.3}'
+    if not isinstance(policy, dict):
+        raise CheckpointError(f"exit policy {policy!r} in {where} is not an object; expected one like {example}")
+    try:
+        ExitPolicy.from_dict(policy)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"exit policy {policy} in {where} is not valid: {error}; expected one like {example}"
+        ) from error
 
 
 def declared_pooling(path: str | os.PathLike) -> str:
