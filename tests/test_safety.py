@@ -393,3 +393,59 @@ def test_train_refuses_a_max_length_or_save_steps_out_of_range(
     result = runner.invoke(app, [*command, "--output", str(tmp_path / "run"), option, value])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+# ----- 11. a malformed model folder gets a message, not a stack trace ------------------------------------
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        ("config.json", {"num_labels": "two"}, "config.json cannot be read as a BADGE model config"),
+        ("config.json", {"id2label": ["a", "b"]}, "config.json cannot be read as a BADGE model config"),
+        ("config.json", {"gamma": "high"}, "config.json cannot be read as a BADGE model config"),
+        ("exit_policy.json", {"rule": "fastest"}, "unknown exit rule 'fastest'"),
+        ("exit_policy.json", {"rule": "entropy", "tau": "high"}, "tau 'high' must be a number"),
+        ("exit_policy.json", {"rule": "patience", "patience": 1.5}, "patience 1.5 must be an integer"),
+    ],
+    ids=lambda value: str(value)[:30],
+)
+def test_a_malformed_model_folder_gets_a_clear_message(
+    model_dir: Path, tmp_path: Path, file: str, change: dict, message: str
+) -> None:
+    import json
+
+    folder = copy_model(model_dir, tmp_path)
+    settings = json.loads((folder / file).read_text()) if file == "config.json" else {}
+    (folder / file).write_text(json.dumps({**settings, **change}))
+    data = tmp_path / "in.csv"
+    data.write_text("text\na great film\n")
+    result = runner.invoke(app, ["predict", str(folder), str(data), str(tmp_path / "out.csv")])
+    assert result.exit_code == 2 and message in result.output and file in result.output, result.output
+
+
+# ----- 12. the server answers a client's mistake with a 422 naming the field -------------------------------
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        (b'{"texts": ["a \\ud800 film"]}', ["texts", 0], "lone surrogate"),
+        (b'{"texts": "good", "policy": {"rule": "dge", "patience": 1180591620717411303424}}', ["policy", "patience"],
+         "less than or equal to 1024"),
+        (b'{"texts": "good", "policy": {"rule": "dge", "tau": NaN}}', ["policy", "tau"], "finite number"),
+        (b'{"texts": "good", "policy": {"rule": "dge", "tau": Infinity}}', ["policy", "tau"], "finite number"),
+        (b'{"texts": "good", "policy": {"rule": "static", "k": 9}}', ["policy"], "beyond this model's 4 layers"),
+        (b'{"texts": "good", "policy": {"rule": "entropy", "tau": true}}', ["policy", "tau"], "valid number"),
+    ],
+    ids=["surrogate", "patience-2**70", "nan", "infinity", "static-k", "tau-true"],
+)  # fmt: skip
+def test_the_server_answers_a_clients_mistake_with_a_422_naming_the_field(
+    model_dir: Path, body: bytes, field: list, message: str
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from badge.serve import create_app
+
+    with TestClient(create_app(model_dir)) as client:
+        response = client.post("/v1/classify", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        errors = response.json()["detail"]
+        assert any(e["loc"][1 : 1 + len(field)] == field and message in e["msg"] for e in errors), errors
+        assert client.post("/v1/classify", json={"texts": "a great film"}).status_code == 200
