@@ -188,6 +188,7 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
         model = MultiExitModel.from_encoder(
             backbone, label_names=splits["train"].label_names, **{**scheme_model_options(scheme), **options}
         )
+        resume = (models / "checkpoint" / "trainer_state.json").is_file()
         args = TrainingArguments(
             output_dir=str(models),
             scheme=scheme,
@@ -196,7 +197,8 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
             max_length=MAX_LENGTH[run.dataset],
             seed=run.seed,
             save_steps=200,
-            resume=(models / "checkpoint" / "trainer_state.json").is_file(),
+            resume=resume,
+            overwrite=not resume,  # a run without a usable checkpoint starts over
         )
         result = train(model, sample(splits["train"], run.train_samples, run.seed), splits["validation"], args)
         history = result.history

@@ -61,16 +61,16 @@ def test_csv_with_label_names_collects_sorted_names(tmp_path: Path) -> None:
 
 
 def test_tsv_with_integer_labels_keeps_ids(tmp_path: Path) -> None:
-    dataset = load_file(write(tmp_path / "train.tsv", "text\tlabel\ngood\t2\nbad\t0\n"))
-    assert dataset.labels == [2, 0]
+    dataset = load_file(write(tmp_path / "train.tsv", "text\tlabel\ngood\t2\nbad\t0\nfine\t1\n"))
+    assert dataset.labels == [2, 0, 1]
     assert dataset.label_names == ["0", "1", "2"]
 
 
 def test_jsonl_sentence_pairs_are_detected_from_text_a_and_text_b(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"text_a": "a movie", "text_b": "the plot", "label": 1}])
-    dataset = load_file(path)
-    assert dataset.texts == ["a movie"] and dataset.text_pairs == ["the plot"]
-    assert dataset.labels == [1] and dataset.label_names == ["0", "1"]
+    rows = [{"text_a": "a movie", "text_b": "the plot", "label": 1}, {"text_a": "a", "text_b": "b", "label": 0}]
+    dataset = load_file(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    assert dataset.texts == ["a movie", "a"] and dataset.text_pairs == ["the plot", "b"]
+    assert dataset.labels == [1, 0] and dataset.label_names == ["0", "1"]
 
 
 def test_explicit_text_columns_and_label_column(tmp_path: Path) -> None:

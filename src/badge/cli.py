@@ -18,10 +18,11 @@ from transformers.utils import logging as hf_logging
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH, TASKS
 from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits, sample, training_overlap
+from badge.folders import FolderError, check_target
 from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import CheckpointError, MultiExitModel, count_flops
 from badge.rules import ExitPolicy
-from badge.training import SCHEMES, TrainingArguments, scheme_model_options, train
+from badge.training import SCHEMES, TrainingArguments, check_run_folder, scheme_model_options, train
 
 app = typer.Typer(
     help="BADGE: early-exit BERT-family encoders with block-wise bypasses and divergence-based exiting.",
@@ -104,6 +105,7 @@ def run_training(
         )
     except (CheckpointError, ValueError) as error:
         raise _fail(str(error)) from error
+    _max_length(model, args.max_length)  # within the encoder's positions, before any work
     console.print(
         f"[bold]{encoder}[/]: {model.family}, {model.num_layers} layers, exits after {model.exit_layers}, "
         f"pooling {model.config.pooling}, bypass {'on' if model.config.use_bypass else 'off'} "
@@ -136,6 +138,8 @@ MaxLengthOption = Annotated[int | None, typer.Option(help="tokens per text (defa
 def _max_length(model: Any, requested: int | None) -> int:
     """Tokens per text for `model`: `requested`, else what it was trained with (checked for a PyTorch model)."""
     if not isinstance(model, MultiExitModel):  # an ONNX export keeps its own shapes
+        if requested is not None and requested < 2:
+            raise _fail(f"--max-length {requested} must be an integer >= 2 (tokens per text, special tokens included)")
         return requested or getattr(model.config, "max_seq_length", None) or DEFAULT_MAX_SEQ_LENGTH
     try:
         return model.max_length(requested)
@@ -188,8 +192,10 @@ def train_command(
     max_train_samples: Annotated[int | None, typer.Option(help="train on a seeded sample of this size")] = None,
     save_steps: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in OUTPUT")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in OUTPUT, replacing its run")] = False,
 ) -> None:
     """Train a multi-exit model on an encoder checkpoint and your data; prints the per-exit table."""
+    _check_run_folder(output, resume, overwrite)
     splits = _load_data(
         dataset,
         train_file,
@@ -214,6 +220,7 @@ def train_command(
             seed=seed,
             save_steps=save_steps,
             resume=resume,
+            overwrite=overwrite,
         )
         options = {
             "problem_type": task.value,
@@ -231,11 +238,25 @@ def train_command(
         raise _fail(str(error)) from error
 
 
+def _check_run_folder(output: Path, resume: bool, overwrite: bool) -> None:
+    try:
+        check_run_folder(output, resume, overwrite)
+    except ValueError as error:
+        raise _fail(str(error)) from error
+
+
 def _load_model(model_dir: Path) -> MultiExitModel:
     try:
-        return MultiExitModel.from_pretrained(model_dir)
-    except CheckpointError as error:
+        model = MultiExitModel.from_pretrained(model_dir)
+    except (CheckpointError, FolderError) as error:
         raise _fail(str(error)) from error
+    _require_tokenizer(model, model_dir)
+    return model
+
+
+def _require_tokenizer(model: Any, model_dir: Path) -> None:
+    if getattr(model, "tokenizer", None) is None:
+        raise _fail(f"{model_dir} has no tokenizer files (tokenizer.json, vocab.txt ...); copy the encoder's into it")
 
 
 def _labelled_split(
@@ -415,6 +436,14 @@ def _engine_report(
     console.print(table)
 
 
+def _check_target(out_dir: Path, kind: str, model_dir: Path) -> None:
+    """Refuse, before any work, an output folder that is the source or holds something else (`badge.folders`)."""
+    try:
+        check_target(out_dir, kind, [model_dir])
+    except FolderError as error:
+        raise _fail(str(error)) from error
+
+
 @app.command("export")
 def export_command(
     model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
@@ -427,6 +456,7 @@ def export_command(
 
     if format != "onnx":
         raise _fail(f"--format {format!r}: only onnx is supported")
+    _check_target(out_dir, "onnx export", model_dir)
     try:
         folder = export_onnx(model_dir, out_dir, quantize=quantize)
     except (CheckpointError, ValueError) as error:
@@ -456,6 +486,7 @@ def prune_command(
 
     if not 0.0 < heads < 1.0:
         raise _fail(f"--heads {heads} must lie strictly between 0 and 1")
+    _check_target(out_dir, "model", model_dir)
     model = _load_model(model_dir)
     max_length = _max_length(model, max_length)
     columns = (text_column, text_pair_column, label_column, split_seed)
@@ -487,6 +518,7 @@ def prune_command(
         )
         args = TrainingArguments(
             output_dir=str(out_dir) + ".run",
+            overwrite=True,  # the re-training's own scratch folder
             epochs=retrain_epochs,
             max_length=max_length,
             seed=seed,
@@ -597,9 +629,11 @@ def _load_engine(path: Path, engine: str, policy: ExitPolicy | None, batch_size:
     if engine not in ("torch", "onnx"):
         raise _fail(f"--engine {engine!r} is not one of torch, onnx")
     try:
-        return load_engine(path, engine, policy, batch_size)
+        loaded = load_engine(path, engine, policy, batch_size)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from error
+    _require_tokenizer(loaded.model, path)
+    return loaded
 
 
 TauOption = Annotated[float | None, typer.Option(help="threshold of --rule")]
@@ -621,12 +655,17 @@ def predict_command(
     patience: PatienceOption = None,
     divergence: DivergenceOption = None,
     engine_name: EngineOption = "torch",
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from TARGET.partial")] = False,
 ) -> None:
     """Stream a large file through the early-exit engine in batches; memory stays constant."""
-    from badge.predict import predict_file
+    from badge.predict import check_output, partial_path, predict_file
 
     if not source.is_file():
         raise _fail(f"input file {source} does not exist")
+    try:
+        check_output(source, target)
+    except DataError as error:
+        raise _fail(str(error)) from error
     engine = _load_engine(model_dir, engine_name, _policy_override(rule, tau, patience, divergence), batch_size)
     _refuse_label_rules(engine.policy)
     model = engine.model
@@ -640,13 +679,17 @@ def predict_command(
             text_pair_column=text_pair_column,
             batch_size=batch_size * 8,
             max_length=max_length,
+            resume=resume,
         )
     except DataError as error:
         raise _fail(str(error)) from error
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the rows so far are in {partial_path(target)}; add --resume to continue")
+        raise typer.Exit(code=130) from None
     console.print(
         f"wrote {summary.rows} rows to {target} with policy {engine.policy}: mean exit layer "
         f"{summary.mean_exit_layer:.2f} of {model.num_layers}"
-        + (f"; [yellow]{summary.errors} rows had no text[/] (see their error column)" if summary.errors else "")
+        + (f"; [yellow]{summary.errors} rows could not be read[/] (see their error column)" if summary.errors else "")
     )
 
 
@@ -709,13 +752,15 @@ def quickstart_command(
         QUICKSTART_TRAIN_SAMPLES
     ),
     seed: Annotated[int, typer.Option(help="seed of sampling, shuffling and initialisation")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in OUTPUT, replacing its run")] = False,
 ) -> None:
     """Train the embedded default: MiniLM-L6 with block-wise bypasses on rotten-tomatoes reviews."""
+    _check_run_folder(output, False, overwrite)
     encoder = quickstart_encoder()
     splits = _load_data(QUICKSTART_DATASET, None, None, None, "text", None, "label", TASKS[0], 0)
     splits["train"] = sample(splits["train"], max_train_samples, seed)
     options = {**QUICKSTART_OPTIONS, "epochs": epochs}
-    args = TrainingArguments(output_dir=str(output), scheme="bb", seed=seed, **options)
+    args = TrainingArguments(output_dir=str(output), scheme="bb", seed=seed, overwrite=overwrite, **options)
     best = run_training(encoder, splits, args, {})
     console.print(
         f"choosing the exit policy ({QUICKSTART_RULE}, at most {QUICKSTART_MAX_DROP} points below the full model)"

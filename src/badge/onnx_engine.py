@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +27,10 @@ from typing import Any
 import onnxruntime as ort
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from badge.engine import EarlyExitEngine
-from badge.modeling import AttentionInputs, MultiExitModel, replace_directory
+from badge.folders import TOKENIZER_FILES, load_tokenizer, save_folder
+from badge.modeling import AttentionInputs, MultiExitModel
 from badge.quantize import check_mode, quantize_onnx
 from badge.rules import ExitPolicy
 
@@ -167,7 +165,8 @@ def export_onnx(model_or_dir: MultiExitModel | str | Path, out_dir: str | Path, 
 
     Args:
         model_or_dir: a `MultiExitModel` (switched to eval mode) or the folder of a saved one.
-        out_dir: the folder to write; replaced atomically if it exists.
+        out_dir: the folder to write: its export files are replaced one by one, other files kept; a model
+            folder (the source included) is refused with `FolderError`.
         quantize: None (float32) or `int8` (dynamic int8 weights in the layer graphs; exits stay float).
     Returns:
         `out_dir` as a Path.
@@ -176,9 +175,9 @@ def export_onnx(model_or_dir: MultiExitModel | str | Path, out_dir: str | Path, 
     model = model_or_dir if isinstance(model_or_dir, MultiExitModel) else MultiExitModel.from_pretrained(model_or_dir)
     model.eval()
     target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    sources = [] if isinstance(model_or_dir, MultiExitModel) else [model_or_dir]
+
+    def write(staging: Path) -> None:
         files = _export_pieces(model, staging, quantize)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(staging)
@@ -196,9 +195,8 @@ def export_onnx(model_or_dir: MultiExitModel | str | Path, out_dir: str | Path, 
             heads_kept=model.config.heads_kept,
         )
         (staging / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-        replace_directory(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    save_folder(target, write, kind="onnx export", sources=sources)
     return target
 
 
@@ -256,7 +254,7 @@ class OnnxMultiExitModel:
         self.exits = {int(layer): session(name) for layer, name in files["exits"].items()}
         self.embedding_inputs = {node.name for node in self.embeddings.get_inputs()}
         self.exit_inputs = {layer: {node.name for node in s.get_inputs()} for layer, s in self.exits.items()}
-        self.tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+        self.tokenizer = load_tokenizer(folder) if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
 
     @property
     def num_layers(self) -> int:

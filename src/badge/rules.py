@@ -254,6 +254,11 @@ class ExitPolicy:
             self.rule = base
         if self.rule not in RULES:
             raise PolicyError(f"unknown exit rule {self.rule!r}; expected one of {names()}")
+        for key, kinds, expected in (("tau", (int, float), "a number"), ("patience", (int,), "an integer"),
+                                     ("k", (int,), "an integer layer")):  # fmt: skip
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise PolicyError(f"{key} {value!r} must be {expected}")
         spec = RULES[self.rule]
         given = {key for key in ("tau", "patience", "divergence", "k", "gate") if getattr(self, key) is not None}
         unused = given - set(spec.params) - ({"tau"} if self.rule == "patience" else set())
@@ -295,6 +300,8 @@ class ExitPolicy:
 
     def build(self, task: str, exit_layers: list[int]) -> Step:
         """The rule's step function for a model with these (1-based) exit layers."""
+        if self.k is not None and self.k > exit_layers[-1]:
+            raise PolicyError(f"static layer k {self.k} is beyond this model's {exit_layers[-1]} layers")
         params = {key: value for key, value in self.to_dict().items() if key != "rule"}
         return RULES[self.rule].build(task, exit_layers[-1], layers=tuple(exit_layers), **params)
 
