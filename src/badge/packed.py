@@ -69,3 +69,16 @@ def packed_layer(
     if tokens is None:
         return out.view(batch, length, width)
     return out.new_zeros(batch * length, width).index_copy_(0, tokens, out).view(batch, length, width)
+
+
+def tokens_from_lengths(lengths: torch.Tensor, width: int, device: torch.device) -> torch.Tensor | None:
+    """`real_tokens` of right-padded rows of `lengths` (B,) real tokens in `width` columns, computed on the host.
+
+    `lengths` is a CPU tensor: no device sync is needed to find the indices, which are then copied to
+    `device` without waiting for it. None when no row is padded.
+    """
+    if bool((lengths == width).all()):
+        return None
+    positions = torch.arange(width)  # (T,)
+    host = (positions[None, :] < lengths[:, None]).flatten().nonzero().squeeze(1)  # (N,)
+    return host.to(device, non_blocking=True)
