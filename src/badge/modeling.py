@@ -32,6 +32,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput, cached_file
 
 from badge.config import MultiExitConfig
+from badge.device import resolve_dtype
 from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens, tokens_from_lengths
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
@@ -477,6 +478,9 @@ class MultiExitModel(PreTrainedModel):
             model = super().from_pretrained(source, *model_args, config=config, **kwargs)
         except Exception as error:  # safetensors raises its own types for truncated or corrupt files
             raise CheckpointError(_unreadable(source, error, "model.safetensors")) from error
+        requested = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if requested not in (None, "auto"):  # the encoder is built from its own config, in its own dtype
+            model = model.to(resolve_dtype(requested))
         if _optional_file(source, "tokenizer_config.json", hub) is not None:
             model.tokenizer = AutoTokenizer.from_pretrained(source, **hub)
         return model
