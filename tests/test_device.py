@@ -11,10 +11,8 @@ from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
 from badge.device import resolve_device, resolve_dtype
 from badge.rules import simulate
 
-BACKBONES = {
-    "bert": BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, vocab_size=80),
-    "mpnet": MPNetConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, vocab_size=80),
-}
+SMALL = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 80}
+BACKBONES = {"bert": BertConfig(num_hidden_layers=4, **SMALL), "mpnet": MPNetConfig(num_hidden_layers=3, **SMALL)}
 
 
 def make_model(family: str) -> MultiExitModel:

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_reviews
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
 from badge.modeling import CheckpointError
-
-from conftest import make_reviews
 
 TEXTS = [text for text, _ in make_reviews(12, seed=5)]
 
@@ -90,6 +89,6 @@ def test_a_hub_id_goes_to_the_hub_and_fails_clearly_when_it_cannot_be_fetched(sa
     with pytest.raises(CheckpointError, match="cannot be loaded from the Hugging Face Hub"):
         MultiExitModel.from_pretrained("badge-tests/no-such-model", local_files_only=True)
     with pytest.raises(CheckpointError, match="cannot be loaded from the Hugging Face Hub"):
-        MultiExitModel.from_encoder("badge-tests/no-such-encoder", num_labels=2, load_options={"local_files_only": True})
+        MultiExitModel.from_encoder("badge-tests/no-such-encoder", num_labels=2, load_options={"local_files_only": 1})
     with pytest.raises(ValueError, match="safetensors weights only"):
         MultiExitModel.from_pretrained(saved_model, use_safetensors=False)

@@ -497,7 +497,9 @@ def _check_exists(source: str | os.PathLike) -> None:
     text = str(source)
     local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
     if local and not os.path.exists(os.path.expanduser(text)):
-        raise CheckpointError(f"{text} does not exist: expected a model folder or a Hugging Face Hub id (namespace/name)")
+        raise CheckpointError(
+            f"{text} does not exist: expected a model folder or a Hugging Face Hub id (namespace/name)"
+        )
 
 
 def _optional_file(source: str | os.PathLike, filename: str, hub: dict[str, Any]) -> Path | None:

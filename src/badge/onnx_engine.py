@@ -289,7 +289,7 @@ class OnnxMultiExitModel:
         packed: bool = False,
         lengths: torch.Tensor | None = None,
     ) -> AttentionInputs:
-        """The layer graphs build their own masks: pass the 2-D padding mask (B, T) through (`packed`, `lengths` unused)."""
+        """The layer graphs build their own masks: pass the padding mask (B, T) through (`packed`, `lengths` unused)."""
         return AttentionInputs(mask=attention_mask)
 
     def run_layer(self, layer: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
