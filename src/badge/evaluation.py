@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from badge.data import EncodedDataset, TextDataset, collate, encode
+from badge.device import synchronize
 from badge.metrics import primary_metric_name, task_metrics
 from badge.modeling import MultiExitModel, count_flops
 from badge.rules import DIVERGENCES, RULES, ExitPolicy, simulate
@@ -31,6 +32,8 @@ def collect_exit_logits(
     all_logits, all_labels = [], []
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         labels = batch.pop("labels")
+        if accelerator is None:  # a prepared loader already yields batches on the model's device
+            batch = {key: value.to(model.device) for key, value in batch.items()}
         output = model(**batch)
         logits = torch.stack(output.exit_logits, dim=1)  # (B, E, K)
         if accelerator is not None:
@@ -235,9 +238,9 @@ def length_sorted_batches(
 @torch.inference_mode()
 def plain_forward(model: MultiExitModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The plain Hugging Face model: the encoder's own forward over all layers, then the final classifier."""
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs = {key: value.to(model.device) for key, value in batch.items() if key != "labels"}
     hidden = model.encoder(**inputs).last_hidden_state
-    return model.exit_logits(model.num_layers, hidden, batch["attention_mask"])
+    return model.exit_logits(model.num_layers, hidden, inputs["attention_mask"])
 
 
 @dataclass
@@ -277,9 +280,11 @@ def time_policy(
         start = time.perf_counter()
         for batch in batches:
             plain_forward(model, batch)
+        synchronize(model.device)
         plain = time.perf_counter() - start
         start = time.perf_counter()
         engine.run(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), labels)
+        synchronize(model.device)
         spent = time.perf_counter() - start
         plain_times.append(plain)
         engine_times.append(spent)
@@ -345,16 +350,20 @@ def run_sweep(
 
 
 def write_sweep(result: SweepResult, folder: Path, title: str = "early-exit trade-off") -> dict[str, Path]:
-    """Write the sweep as `sweep.json`, `sweep.md` (summary and points) and `sweep.png` (metric vs speedup)."""
-    import matplotlib
-
+    """Write the sweep as `sweep.json`, `sweep.md` (summary and points) and, where matplotlib is installed
+    (`badge[plots]`), `sweep.png` (metric vs speedup)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "sweep.json", "markdown": folder / "sweep.md"}
+    paths["json"].write_text(json.dumps(asdict(result), indent=2))
+    paths["markdown"].write_text(sweep_markdown(result, title))
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return paths
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "sweep.json", "markdown": folder / "sweep.md", "plot": folder / "sweep.png"}
-    paths["json"].write_text(json.dumps(asdict(result), indent=2))
-    paths["markdown"].write_text(sweep_markdown(result, title))
+    paths["plot"] = folder / "sweep.png"
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for curve in result.summaries:
         line = anchored_curve(pareto_front([p for p in result.points if p.curve == curve]), result.full_metric)
