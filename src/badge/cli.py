@@ -16,6 +16,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from transformers.utils import logging as hf_logging
 
 from badge.config import TASKS
@@ -46,7 +47,7 @@ QUICKSTART_TRAIN_SAMPLES = 6000  # keeps the run near 6 minutes on 2 CPU cores
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # messages hold brackets: badge[serve], [1, 2]
     return typer.Exit(code=2)
 
 
@@ -343,7 +344,7 @@ def evaluate_command(
     console.print(paths["markdown"].read_text().split("\n\n| rule | policy")[0])
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
     if missing("plots"):
-        console.print("[yellow]no sweep.png: the plot needs pip install 'badge[plots]'[/]")
+        console.print(escape("no sweep.png: the plot needs pip install 'badge[plots]'"), style="yellow")
 
 
 def _engine_report(
