@@ -6,7 +6,8 @@ their lengths differ more than those of a length-sorted input batch. Here the li
 layer (query/key/value, attention output, feed-forward: nearly all of its FLOPs) run on the
 packed real tokens (N, d); only the attention itself sees the padded (B, T) layout. Same weights
 and same operations as the Hugging Face layer (BERT, MiniLM, RoBERTa, XLM-R, ELECTRA), equal
-within float rounding; inference only (no dropout, no gradients needed).
+within float rounding; inference only (no dropout, no gradients needed). Every operation here
+(index_select, index_copy_, SDPA) runs on any device, so the path is the same on a GPU.
 """
 
 from __future__ import annotations
