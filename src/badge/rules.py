@@ -204,7 +204,7 @@ def _build_oracle(task: str, num_layers: int, **_: Any):
     return step
 
 
-_GRID_SMALL = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+_GRID_SMALL = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # xjsd needs the top
 _GRID_ENTROPY = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RULES: dict[str, RuleSpec] = {
     spec.name: spec
