@@ -64,7 +64,7 @@ def test_torch_int8_and_the_torch_engine_do_not_import_onnx_runtime() -> None:
 
 def test_predict_takes_device_and_dtype(saved_model, review_files, tmp_path) -> None:
     target = tmp_path / "predictions.csv"
-    common = ["predict", str(saved_model), str(review_files["test"]), str(target)]
+    common = ["predict", str(saved_model), str(review_files["test"]), str(target), "--max-length", "32"]
     result = runner.invoke(app, [*common, "--device", "cpu", "--dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
     assert len(target.read_text().splitlines()) == 65  # header and 64 rows

@@ -54,7 +54,7 @@ def test_plain_install_runs_the_core_commands_and_names_missing_extras(tiny_enco
     )  # fmt: skip
     best = output / "best"
     assert "exit" in run(badge, "evaluate", best, "--data", test, "--max-length", "32")
-    sweep = run(badge, "evaluate", best, "--data", test, "--sweep", "--timing", "none", "--output-dir", tmp_path / "s")
+    sweep = run(badge, "evaluate", best, "--data", test, "--sweep", "--output-dir", tmp_path / "s")
     assert "pip install 'badge[plots]'" in sweep and (tmp_path / "s" / "sweep.json").is_file()
     run(badge, "calibrate", best, "--validation", validation, "--rule", "entropy", "--max-drop", "5")
     run(badge, "predict", best, test, tmp_path / "predictions.csv", "--device", "cpu")
