@@ -46,10 +46,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024, help="examples timed (a seeded sample)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the timed sample")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the dataset split")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/GPU.md"))
     args = parser.parse_args()
 
@@ -61,11 +62,10 @@ def main() -> None:
         if args.data is not None:
             dataset, source = load_file(args.data, label_names=model.label_names), str(args.data)
         else:
-            dataset, source = (
-                load_named_dataset(args.dataset, seed=args.seed)[args.split],
-                f"{args.dataset} {args.split}",
-            )
-        inputs, labels = encode_padded(dataset, model.tokenizer, args.max_length)
+            dataset = load_named_dataset(args.dataset, split_seed=args.split_seed, quiet=True)[args.split]
+            source = f"{args.dataset} {args.split}"
+        max_length = model.max_length(args.max_length)
+        inputs, labels = encode_padded(dataset, model.tokenizer, max_length)
         sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
         inputs = {key: value[sample] for key, value in inputs.items()}
         labels = labels[sample]
@@ -90,7 +90,7 @@ def main() -> None:
     lines = [
         f"# Early exit on {device.type}: wall-clock speedup over the plain Hugging Face model",
         "",
-        f"{len(labels)} examples of {source} (seed {args.seed}), max length {args.max_length}, weights in "
+        f"{len(labels)} examples of {source} (seed {args.seed}), max length {max_length}, weights in "
         f"{args.dtype}. Device: {device_name(device)}; torch {torch.__version__}, transformers "
         f"{transformers.__version__}. Speedup = median over {args.repeats} repeats of (plain time / engine "
         "time) on the same inputs, device synchronised before each clock read.",
