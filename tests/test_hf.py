@@ -89,6 +89,7 @@ def test_a_hub_id_goes_to_the_hub_and_fails_clearly_when_it_cannot_be_fetched(sa
     with pytest.raises(CheckpointError, match="cannot be loaded from the Hugging Face Hub"):
         MultiExitModel.from_pretrained("badge-tests/no-such-model", local_files_only=True)
     with pytest.raises(CheckpointError, match="cannot be loaded from the Hugging Face Hub"):
-        MultiExitModel.from_encoder("badge-tests/no-such-encoder", num_labels=2, load_options={"local_files_only": 1})
+        offline = {"local_files_only": True}
+        MultiExitModel.from_encoder("badge-tests/no-such-encoder", num_labels=2, load_options=offline)
     with pytest.raises(ValueError, match="safetensors weights only"):
         MultiExitModel.from_pretrained(saved_model, use_safetensors=False)
