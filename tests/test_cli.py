@@ -233,7 +233,7 @@ def test_bad_inputs_get_a_clear_error_and_exit_code_2(trained, tiny_encoder, rev
     )
     assert result.exit_code == 2 and "positve" in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "nothing-here"), "--data", str(bad)])
-    assert result.exit_code == 2 and "config.json is missing" in result.output
+    assert result.exit_code == 2 and "nothing-here does not exist" in result.output
     result = runner.invoke(app, ["predict", str(best), str(bad), str(tmp_path / "o.csv"), "--rule", "entropi"])
     assert result.exit_code == 2 and "unknown exit rule 'entropi'" in result.output
     result = runner.invoke(app, ["calibrate", str(best), "--data-missing"])

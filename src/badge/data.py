@@ -302,6 +302,10 @@ def _read_saved_dataset(path: Path, source: str) -> _Table:
             f"{source} holds a DatasetDict with splits {_show(splits)}; pass one split's folder, "
             f"e.g. {path / splits[0]}"
         )
+    from badge.extras import missing
+
+    if missing("datasets"):
+        raise DataError(f"{source} is a datasets folder: reading it needs pip install 'badge[datasets]'")
     import datasets  # heavy import, needed only for folders written by save_to_disk
 
     try:

@@ -6,6 +6,10 @@ still needs are cut off. Survivors wait in a pool for their next layer, which ru
 holds a full batch again (rows from later input batches join them), so deep layers do not run on
 ever-smaller batches. A sample's answer does not depend on its batch: the rule's state is per row,
 and padding is masked out of attention and pooling.
+
+On a GPU the rows' tensors (hidden states, masks, the rule's state, logits) stay on the device; the
+scheduling (which input row is where, how many real tokens each has) is kept on the host, so the
+only wait for the device is the exit decision itself: one copy of the (b,) leave mask per exit read.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH
+from badge.device import place
 from badge.modeling import AttentionInputs, MultiExitModel
 from badge.rules import ExitPolicy, select_rows
 
@@ -48,30 +53,35 @@ def predictions_from_logits(logits: torch.Tensor, task: str) -> tuple[list, torc
     return probs.argmax(-1).tolist(), probs
 
 
-def trim_padding(attention_mask: torch.Tensor) -> int:
-    """Number of leading columns that hold any real token (right padding assumed)."""
-    return int(attention_mask.sum(dim=1).max().item())
-
-
 @dataclass
 class _Rows:
     """Rows in flight between two layers: hidden states, mask, input row ids and the rule's per-row state.
 
-    `attention` (the prepared mask and pooling weights) is kept while the rows stay together, so a
-    batch that loses no row prepares it once, not once per layer.
+    `hidden`, `mask` and `state` live on the model's device; `rows` and `lengths` on the host, so that
+    choosing rows and cutting padding never waits for the device. `attention` (the prepared mask and
+    pooling weights) is kept while the rows stay together, so a batch that loses no row prepares it
+    once, not once per layer.
     """
 
     hidden: torch.Tensor  # (b, T, d)
     mask: torch.Tensor  # (b, T)
-    rows: torch.Tensor  # (b,) positions in the run's inputs
+    rows: torch.Tensor  # (b,) positions in the run's inputs (host)
+    lengths: torch.Tensor  # (b,) real tokens per row (host)
     state: dict[str, torch.Tensor]
     attention: AttentionInputs | None = None
 
     def select(self, keep: torch.Tensor) -> _Rows:
-        """Keep rows (bool mask or indices) and cut padding columns no kept row needs."""
-        mask = self.mask[keep]
-        width = trim_padding(mask) if len(mask) else 0
-        return _Rows(self.hidden[keep, :width], mask[:, :width], self.rows[keep], select_rows(self.state, keep))
+        """Keep rows (host indices) and cut padding columns no kept row needs."""
+        lengths = self.lengths[keep]
+        width = int(lengths.max()) if len(lengths) else 0
+        on_device = keep.to(self.hidden.device, non_blocking=True)
+        return _Rows(
+            self.hidden.index_select(0, on_device)[:, :width],
+            self.mask.index_select(0, on_device)[:, :width],
+            self.rows[keep],
+            lengths,
+            select_rows(self.state, on_device),
+        )
 
 
 def _count(groups: list[_Rows]) -> int:
@@ -107,6 +117,7 @@ def _take(groups: list[_Rows], limit: int) -> _Rows:
         torch.cat([pad(group.hidden) for group in taken]),
         torch.cat([pad(group.mask) for group in taken]),
         torch.cat([group.rows for group in taken]),
+        torch.cat([group.lengths for group in taken]),
         {key: torch.cat([group.state[key] for group in taken]) for key in taken[0].state},
     )
 
@@ -122,6 +133,8 @@ class EarlyExitEngine:
         sort_by_length: batch samples of similar length together (results are unchanged).
         packed: run BERT-structured layers on real tokens only, skipping padding (`badge.packed`;
             results equal within float rounding). Other families always run padded.
+        device: `cpu`, `cuda`, `auto` or a `torch.device` to move the model to; None = where it is.
+        dtype: `float32`, `float16` or `bfloat16` to cast the model's weights to; None = as they are.
     """
 
     def __init__(
@@ -132,9 +145,15 @@ class EarlyExitEngine:
         num_threads: int | None = None,
         sort_by_length: bool = True,
         packed: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be >= 1")
+        if isinstance(model, torch.nn.Module):
+            model = place(model, device, dtype)
+        elif device not in (None, "cpu", "auto") or dtype not in (None, "float32", torch.float32):
+            raise ValueError(f"{type(model).__name__} runs in float32 on the CPU only, not on {device} in {dtype}")
         self.model = model.eval()
         self.policy = policy if policy is not None else ExitPolicy.from_dict(model.config.exit_policy)
         self.batch_size = batch_size
@@ -149,6 +168,11 @@ class EarlyExitEngine:
     def task(self) -> str:
         return self.model.config.problem_type
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors (and so every row's) live; runtimes without torch weights run on the CPU."""
+        return getattr(self.model, "device", torch.device("cpu"))
+
     @torch.inference_mode()
     def run(
         self,
@@ -162,7 +186,8 @@ class EarlyExitEngine:
         Rows that leave make room: survivors wait in a pool per layer, and a layer runs once its pool
         holds `batch_size` rows (or when no new input is left), so deep layers run on full batches too.
         `labels` (N,) are needed only by the `oracle` policy. `layers_run` grows by the number of
-        (layer, row) evaluations performed.
+        (layer, row) evaluations performed. Inputs may live on any device: each batch is copied to the
+        model's; the returned tensors are on the CPU.
         """
         if self.policy.needs_labels and labels is None:
             raise ValueError(f"policy {self.policy} needs labels")
@@ -171,8 +196,12 @@ class EarlyExitEngine:
                 "attention_mask must be right-padded (real tokens first); tokenise with padding_side='right'"
             )
         backend = self.model
+        device = self.device
         n = input_ids.shape[0]
-        order = torch.argsort(attention_mask.sum(dim=1), stable=True) if self.sort_by_length else torch.arange(n)
+        input_lengths = attention_mask.sum(dim=1).cpu()  # (N,) on the host: scheduling never waits for the device
+        if labels is not None:
+            labels = labels.to(device)
+        order = torch.argsort(input_lengths, stable=True) if self.sort_by_length else torch.arange(n)
         step = self.policy.build(self.task, backend.exit_layers)
         exit_positions = {layer: position for position, layer in enumerate(backend.exit_layers)}
         consulted = set(self.policy.exits_consulted(backend.exit_layers))
@@ -189,10 +218,16 @@ class EarlyExitEngine:
                 layer = 1
                 rows = order[next_row : next_row + self.batch_size]
                 next_row += len(rows)
-                width = trim_padding(attention_mask[rows])
-                types = token_type_ids[rows, :width] if token_type_ids is not None else None
-                hidden = backend.embed(input_ids[rows, :width], types)  # (b, T, d)
-                group = _Rows(hidden, attention_mask[rows, :width], rows, {})
+                lengths = input_lengths[rows]
+                width = int(lengths.max())
+
+                def batch(tensor: torch.Tensor, rows: torch.Tensor = rows, width: int = width) -> torch.Tensor:
+                    picked = tensor.index_select(0, rows.to(tensor.device))[:, :width]  # (b, T)
+                    return picked.to(device, non_blocking=True)
+
+                types = batch(token_type_ids) if token_type_ids is not None else None
+                hidden = backend.embed(batch(input_ids), types)  # (b, T, d)
+                group = _Rows(hidden, batch(attention_mask), rows, lengths, {})
             else:  # no input left: drain the shallowest pool first, so its survivors fill the next one
                 waiting = [layer for layer in range(2, last + 1) if pools[layer]]
                 if not waiting:
@@ -200,32 +235,36 @@ class EarlyExitEngine:
                 layer = waiting[0]
                 group = _take(pools[layer], self.batch_size)
             if group.attention is None:
-                group.attention = backend.attention_inputs(group.hidden, group.mask, packed=self.packed)
+                group.attention = backend.attention_inputs(
+                    group.hidden, group.mask, packed=self.packed, lengths=group.lengths
+                )
             hidden = backend.run_layer(layer, group.hidden, group.attention)
             self.layers_run += hidden.shape[0]
             group.hidden = hidden
             if layer in consulted:
                 logits = backend.exit_logits(layer, hidden, group.mask, group.attention.pool_weights)  # (b, K)
                 self.exits_run += hidden.shape[0]
-                if layer == last:
-                    leave = torch.ones(len(group.rows), dtype=torch.bool)
-                else:
-                    row_labels = labels[group.rows] if labels is not None else None
-                    leave, group.state = step(logits, group.state, exit_positions[layer], row_labels)
+                if layer == last:  # every row leaves: nothing to decide
+                    answered.append((group.rows, logits, layer))
+                    continue
+                row_labels = labels[group.rows.to(device)] if labels is not None else None
+                leave, group.state = step(logits, group.state, exit_positions[layer], row_labels)
+                leave = leave.cpu()  # (b,) the one wait for the device per exit decision
                 leaving = int(leave.sum())
                 if leaving == len(group.rows):  # the whole group leaves: no row selection needed
                     answered.append((group.rows, logits, layer))
                     continue
                 if leaving:  # the rows that stay run on without the others, and keep no extra padding
-                    answered.append((group.rows[leave], logits[leave], layer))
-                    group = group.select(~leave)
+                    gone = leave.nonzero().squeeze(1)
+                    answered.append((group.rows[gone], logits.index_select(0, gone.to(device)), layer))
+                    group = group.select((~leave).nonzero().squeeze(1))
             pools[layer + 1].append(group)
         out_logits = torch.zeros(n, self.model.config.num_labels)
         out_layers = torch.zeros(n, dtype=torch.long)
         if answered:
             row_ids, row_logits, layers = zip(*answered, strict=True)
             positions = torch.cat(row_ids)
-            out_logits[positions] = torch.cat(row_logits).float()
+            out_logits[positions] = torch.cat(row_logits).float().cpu()
             out_layers[positions] = torch.cat(
                 [torch.full((len(ids),), at) for ids, at in zip(row_ids, layers, strict=True)]
             )

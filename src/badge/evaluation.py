@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from badge.comparison import BOOTSTRAP_RESAMPLES, RuleComparison, RuleCurve, SplitLogits, compare_rules
 from badge.data import EncodedDataset, TextDataset, collate, encode
+from badge.device import synchronize
 from badge.gate import fit_gate
 from badge.metrics import primary_metric_name, task_metrics
 from badge.modeling import MultiExitModel, count_flops
@@ -30,6 +31,8 @@ def collect_exit_logits(
     all_logits, all_labels = [], []
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         labels = batch.pop("labels")
+        if accelerator is None:  # a prepared loader already yields batches on the model's device
+            batch = {key: value.to(model.device) for key, value in batch.items()}
         output = model(**batch)
         logits = torch.stack(output.exit_logits, dim=1)  # (B, E, K)
         if accelerator is not None:
@@ -203,9 +206,9 @@ def length_sorted_batches(
 @torch.inference_mode()
 def plain_forward(model: MultiExitModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The plain Hugging Face model: the encoder's own forward over all layers, then the final classifier."""
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    inputs = {key: value.to(model.device) for key, value in batch.items() if key != "labels"}
     hidden = model.encoder(**inputs).last_hidden_state
-    return model.exit_logits(model.num_layers, hidden, batch["attention_mask"])
+    return model.exit_logits(model.num_layers, hidden, inputs["attention_mask"])
 
 
 @dataclass
@@ -245,9 +248,11 @@ def time_policy(
         start = time.perf_counter()
         for batch in batches:
             plain_forward(model, batch)
+        synchronize(model.device)
         plain = time.perf_counter() - start
         start = time.perf_counter()
         engine.run(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), labels)
+        synchronize(model.device)
         spent = time.perf_counter() - start
         plain_times.append(plain)
         engine_times.append(spent)

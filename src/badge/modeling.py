@@ -18,17 +18,28 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH, MultiExitConfig
+from badge.device import resolve_dtype
 from badge.folders import TOKENIZER_FILES, load_tokenizer, refuse_shipped_code, save_folder
-from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens
+from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens, tokens_from_lengths
+from badge.rules import ExitPolicy
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
 EXIT_POLICY_FILE = "exit_policy.json"
+# Keyword arguments of `from_pretrained` that say where files come from (a folder or the Hugging Face Hub).
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
 
 
 class CheckpointError(ValueError):
@@ -103,9 +114,11 @@ class AttentionInputs:
 
 @dataclass
 class MultiExitOutput(ModelOutput):
-    """Forward result: `exit_logits` holds one `(B, K)` tensor per exit, shallowest first."""
+    """Forward result: `logits` (B, K) of the final exit, as a Hugging Face sequence classifier returns them;
+    `exit_logits` holds one `(B, K)` tensor per exit, shallowest first (the last is `logits`)."""
 
     loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
     exit_logits: tuple[torch.Tensor, ...] | None = None
     exit_losses: torch.Tensor | None = None
 
@@ -217,23 +230,45 @@ class MultiExitModel(PreTrainedModel):
         return hidden
 
     def attention_inputs(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        packed: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> AttentionInputs:
         """Prepare the mask (and MPNet's relative position bias) for hidden states of shape (B, T, d).
 
         `packed=True` asks for padding-free layers (inference only); families outside
-        `PACKED_FAMILIES` and a model in training mode keep the Hugging Face layers.
+        `PACKED_FAMILIES` and a model in training mode keep the Hugging Face layers. `lengths` (B,), a
+        host (CPU) copy of the real tokens per row, lets a model on a GPU prepare the masks without
+        waiting for the device (reading the mask's contents on the host would).
         """
         weights = self.pool_weights(attention_mask, hidden.dtype)
+        width = attention_mask.shape[1]
         if packed and self.family in PACKED_FAMILIES and not self.training:
-            tokens = real_tokens(attention_mask)
+            if lengths is None:
+                tokens = real_tokens(attention_mask)
+            else:
+                tokens = tokens_from_lengths(lengths, width, hidden.device)
             # The packed layers call SDPA themselves: a (B, 1, 1, T) key-padding mask, none without padding.
             mask = None if tokens is None else attention_mask.bool()[:, None, None, :]
             return AttentionInputs(mask, None, weights, packed=True, tokens=tokens)
         bias = self.encoder.encoder.compute_position_bias(hidden) if self.family == "mpnet" else None
-        mask = create_bidirectional_mask(
-            config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
-        )
+        implementation = self.encoder.config._attn_implementation
+        if lengths is not None and bool((lengths == width).all()):
+            mask = None  # no padding: the layers need no mask
+        elif lengths is not None and implementation in ("sdpa", "eager"):
+            # The mask create_bidirectional_mask builds, without its check of the mask's contents (a device sync).
+            keep = attention_mask.bool()[:, None, None, :].expand(-1, 1, width, -1)  # (B, 1, T, T)
+            if implementation == "sdpa":
+                mask = keep
+            else:  # eager attention adds the mask to its scores
+                mask = torch.zeros(keep.shape, dtype=hidden.dtype, device=hidden.device)
+                mask.masked_fill_(~keep, torch.finfo(hidden.dtype).min)
+        else:
+            mask = create_bidirectional_mask(
+                config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+            )
         return AttentionInputs(mask, bias, weights)
 
     def run_layer(self, layer: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
@@ -316,11 +351,11 @@ class MultiExitModel(PreTrainedModel):
             if layer in wanted:
                 logits.append(self.exit_logits(layer, hidden, attention_mask, attention.pool_weights))
         if labels is None:
-            return MultiExitOutput(exit_logits=tuple(logits))
+            return MultiExitOutput(logits=logits[-1], exit_logits=tuple(logits))
         losses = torch.stack([self.task_loss(z, labels) for z in logits])  # (E,)
         weights = self.default_exit_weights() if exit_weights is None else exit_weights
         loss = (losses * weights.to(losses.device)).sum()
-        return MultiExitOutput(loss=loss, exit_logits=tuple(logits), exit_losses=losses.detach())
+        return MultiExitOutput(loss=loss, logits=logits[-1], exit_logits=tuple(logits), exit_losses=losses.detach())
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of one exit for this model's task."""
@@ -351,23 +386,29 @@ class MultiExitModel(PreTrainedModel):
         num_labels: int | None = None,
         label_names: list[str] | None = None,
         problem_type: str = "single_label_classification",
+        load_options: dict[str, Any] | None = None,
         **exit_options: Any,
     ) -> MultiExitModel:
-        """Build a new multi-exit model from a plain encoder checkpoint folder.
+        """Build a new multi-exit model from a plain encoder checkpoint: a folder or a Hugging Face Hub id.
 
         Args:
-            path: folder with the encoder's `config.json`, `model.safetensors` and tokenizer files.
+            path: folder with the encoder's `config.json`, `model.safetensors` and tokenizer files, or a Hub id.
             num_labels: number of classes (1 for regression); inferred from `label_names` if omitted.
             label_names: class names, index = label id.
             problem_type: `single_label_classification`, `multi_label_classification` or `regression`.
+            load_options: where the files come from, as `from_pretrained` takes it (`revision`, `cache_dir`,
+                `token`, `local_files_only` ...; see `HUB_OPTIONS`).
             exit_options: any `MultiExitConfig` field (`use_bypass`, `gamma`, `block_size`, `pooling` ...).
         """
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} has no config.json: expected a Hugging Face encoder folder")
-        if not (path / "model.safetensors").is_file():
-            raise CheckpointError(f"{path} has no model.safetensors: only safetensors weights are loaded")
-        refuse_shipped_code(path)
+        hub = _hub_options(load_options or {})
+        _check_exists(path)
+        if os.path.isdir(path):
+            folder = Path(path) / hub.get("subfolder", "")
+            if not (folder / "config.json").is_file():
+                raise CheckpointError(f"{folder} has no config.json: expected a Hugging Face encoder folder")
+            if not (folder / "model.safetensors").is_file():
+                raise CheckpointError(f"{folder} has no model.safetensors: only safetensors weights are loaded")
+            refuse_shipped_code(folder)
         if label_names is not None:
             num_labels = len(label_names) if num_labels is None else num_labels
             if num_labels != len(label_names):
@@ -376,10 +417,16 @@ class MultiExitModel(PreTrainedModel):
             raise ValueError("give num_labels or label_names")
         if label_names is None:
             label_names = ["value"] if problem_type == "regression" else [str(i) for i in range(num_labels)]
-        encoder = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
-        exit_options.setdefault("pooling", declared_pooling(path))
+        try:
+            backbone = AutoConfig.from_pretrained(path, trust_remote_code=False, **hub)
+            encoder = AutoModel.from_pretrained(
+                path, config=backbone, use_safetensors=True, trust_remote_code=False, **hub
+            )
+        except (OSError, ValueError) as error:
+            raise CheckpointError(_unreadable(path, error)) from error
+        exit_options.setdefault("pooling", declared_pooling(path, hub))
         config = MultiExitConfig(
-            backbone=AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict(),
+            backbone=backbone.to_dict(),
             num_labels=num_labels,
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
@@ -387,7 +434,10 @@ class MultiExitModel(PreTrainedModel):
             **exit_options,
         )
         model = cls(config, encoder=encoder)
-        model.tokenizer = load_tokenizer(path, encoder.config.vocab_size)
+        if os.path.isdir(path):
+            model.tokenizer = load_tokenizer(Path(path) / hub.get("subfolder", ""), encoder.config.vocab_size)
+        else:
+            model.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **hub)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -406,28 +456,66 @@ class MultiExitModel(PreTrainedModel):
         save_folder(save_directory, write, kind="model")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *args: Any, **kwargs: Any) -> MultiExitModel:
-        """Load a saved multi-exit model (safetensors only); `exit_policy.json` in the folder wins over config."""
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} is not a saved BADGE model: config.json is missing")
-        if not (path / "model.safetensors").is_file():
-            raise CheckpointError(f"{path} is not a saved BADGE model: model.safetensors is missing")
-        config = read_config(path)
-        policy_file = path / EXIT_POLICY_FILE
-        if policy_file.is_file():
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: PretrainedConfig | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> MultiExitModel:
+        """Load a saved multi-exit model from a folder or a Hugging Face Hub id (safetensors weights only).
+
+        Takes the keyword arguments of `PreTrainedModel.from_pretrained` (`revision`, `cache_dir`, `token`,
+        `local_files_only`, `dtype`, `device_map` ...), so `AutoModel` and `pipeline` load it as well.
+        `exit_policy.json` next to the weights wins over the policy in `config.json`; the tokenizer is
+        loaded when the model's files include one.
+        """
+        source = str(pretrained_model_name_or_path)
+        hub = _hub_options(kwargs)
+        _check_exists(source)
+        if os.path.isdir(source):
+            folder = Path(source) / hub.get("subfolder", "")
+            if not (folder / "config.json").is_file():
+                raise CheckpointError(f"{folder} is not a saved BADGE model: config.json is missing")
+            if not (folder / "model.safetensors").is_file():
+                raise CheckpointError(f"{folder} is not a saved BADGE model: model.safetensors is missing")
+            refuse_shipped_code(folder)
+            if config is None:
+                config = read_config(folder)  # names a wrong type or range in the file
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("use_safetensors=False: BADGE models are loaded from safetensors weights only")
+        kwargs["use_safetensors"] = True
+        kwargs.pop("trust_remote_code", None)  # the model's code is this module: nothing remote ever runs
+        if not isinstance(config, PretrainedConfig):
+            try:
+                config = MultiExitConfig.from_pretrained(config or source, **hub)
+            except (OSError, ValueError) as error:
+                raise CheckpointError(_unreadable(source, error, "config.json")) from error
+        if not isinstance(config, MultiExitConfig):
+            raise CheckpointError(
+                f"{source} holds a {type(config).__name__} ({config.model_type!r}), not a BADGE model "
+                f"({MultiExitConfig.model_type!r}): build one with MultiExitModel.from_encoder"
+            )
+        policy_file = _optional_file(source, EXIT_POLICY_FILE, hub)
+        if policy_file is not None:
             try:
                 config.exit_policy = json.loads(policy_file.read_text())
             except json.JSONDecodeError as error:
                 raise CheckpointError(f"{policy_file} is not valid JSON: {error}") from error
-        check_exit_policy(config.exit_policy, policy_file if policy_file.is_file() else path / "config.json")
-        kwargs.setdefault("use_safetensors", True)
+        check_exit_policy(config.exit_policy, policy_file or Path(source) / "config.json")
         try:
-            model = super().from_pretrained(path, *args, config=config, **kwargs)
+            model = super().from_pretrained(source, *model_args, config=config, **kwargs)
         except Exception as error:  # safetensors raises its own types for truncated or corrupt files
-            raise CheckpointError(f"{path}/model.safetensors cannot be loaded: {error}") from error
-        if any((path / name).is_file() for name in TOKENIZER_FILES):
-            model.tokenizer = load_tokenizer(path, model.encoder.config.vocab_size)
+            raise CheckpointError(_unreadable(source, error, "model.safetensors")) from error
+        requested = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if requested not in (None, "auto"):  # the encoder is built from its own config, in its own dtype
+            model = model.to(resolve_dtype(requested))
+        if os.path.isdir(source):
+            folder = Path(source) / hub.get("subfolder", "")
+            if any((folder / name).is_file() for name in TOKENIZER_FILES):
+                model.tokenizer = load_tokenizer(folder, model.encoder.config.vocab_size)
+        elif _optional_file(source, "tokenizer_config.json", hub) is not None:
+            model.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub)
         return model
 
 
@@ -450,8 +538,6 @@ def read_config(path: Path) -> MultiExitConfig:
 
 def check_exit_policy(policy: Any, where: Path) -> None:
     """Raise `CheckpointError` naming `where` unless `policy` is a valid exit policy (`ExitPolicy.from_dict`)."""
-    from badge.rules import ExitPolicy
-
     example = '{"rule": "entropy", "tau": 0.3}'
     if not isinstance(policy, dict):
         raise CheckpointError(f"exit policy {policy!r} in {where} is not an object; expected one like {example}")
@@ -463,10 +549,48 @@ def check_exit_policy(policy: Any, where: Path) -> None:
         ) from error
 
 
-def declared_pooling(path: str | os.PathLike) -> str:
-    """Pooling a sentence-transformers checkpoint declares in `1_Pooling/config.json`, else `cls`."""
-    pooling_file = Path(path) / "1_Pooling" / "config.json"
-    if pooling_file.is_file():
+def _hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `from_pretrained` keyword arguments that say where files come from (see `HUB_OPTIONS`)."""
+    return {key: kwargs[key] for key in HUB_OPTIONS if kwargs.get(key) is not None}
+
+
+def _check_exists(source: str | os.PathLike) -> None:
+    """Refuse a path that names a local folder (absolute, relative with ./, or deeper than `namespace/name`)
+    but does not exist, rather than asking the Hub for it."""
+    text = str(source)
+    local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+    if local and not os.path.exists(os.path.expanduser(text)):
+        raise CheckpointError(
+            f"{text} does not exist: expected a model folder or a Hugging Face Hub id (namespace/name)"
+        )
+
+
+def _optional_file(source: str | os.PathLike, filename: str, hub: dict[str, Any]) -> Path | None:
+    """Path of `filename` in a model folder or Hub repository (downloaded if need be), None where it has none."""
+    found = cached_file(
+        str(source),
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub,
+    )
+    return Path(found) if found else None
+
+
+def _unreadable(source: str | os.PathLike, error: Exception, filename: str | None = None) -> str:
+    """The message for a model that cannot be read: a broken local file, or a Hub id that cannot be fetched."""
+    if os.path.isdir(source):
+        return f"{Path(source) / filename if filename else source} cannot be loaded: {error}"
+    return (
+        f"{source} is not a local folder and cannot be loaded from the Hugging Face Hub "
+        f"(a typo in the path, no network, or a private repository without a token?): {error}"
+    )
+
+
+def declared_pooling(path: str | os.PathLike, hub: dict[str, Any] | None = None) -> str:
+    """Pooling a sentence-transformers checkpoint (folder or Hub id) declares in `1_Pooling/config.json`, else `cls`."""
+    pooling_file = _optional_file(path, "1_Pooling/config.json", hub or {})
+    if pooling_file is not None:
         declared = json.loads(pooling_file.read_text())
         if declared.get("pooling_mode_mean_tokens"):
             return "mean"
@@ -556,5 +680,7 @@ def count_flops(model: MultiExitModel, seq_len: int = 128) -> FlopCount:
     )
 
 
+# After `import badge`, transformers' Auto classes (and so `pipeline("text-classification")`) load saved models.
 AutoConfig.register(MultiExitConfig.model_type, MultiExitConfig)
 AutoModel.register(MultiExitConfig, MultiExitModel)
+AutoModelForSequenceClassification.register(MultiExitConfig, MultiExitModel)

@@ -281,9 +281,13 @@ class OnnxMultiExitModel:
         return torch.from_numpy(self.embeddings.run(None, feed)[0])
 
     def attention_inputs(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        packed: bool = False,
+        lengths: torch.Tensor | None = None,
     ) -> AttentionInputs:
-        """The layer graphs build their own masks: pass the 2-D padding mask (B, T) through (`packed` unused)."""
+        """The layer graphs build their own masks: pass the padding mask (B, T) through (`packed`, `lengths` unused)."""
         return AttentionInputs(mask=attention_mask)
 
     def run_layer(self, layer: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:

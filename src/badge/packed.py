@@ -6,7 +6,8 @@ their lengths differ more than those of a length-sorted input batch. Here the li
 layer (query/key/value, attention output, feed-forward: nearly all of its FLOPs) run on the
 packed real tokens (N, d); only the attention itself sees the padded (B, T) layout. Same weights
 and same operations as the Hugging Face layer (BERT, MiniLM, RoBERTa, XLM-R, ELECTRA), equal
-within float rounding; inference only (no dropout, no gradients needed).
+within float rounding; inference only (no dropout, no gradients needed). Every operation here
+(index_select, index_copy_, SDPA) runs on any device, so the path is the same on a GPU.
 """
 
 from __future__ import annotations
@@ -69,3 +70,16 @@ def packed_layer(
     if tokens is None:
         return out.view(batch, length, width)
     return out.new_zeros(batch * length, width).index_copy_(0, tokens, out).view(batch, length, width)
+
+
+def tokens_from_lengths(lengths: torch.Tensor, width: int, device: torch.device) -> torch.Tensor | None:
+    """`real_tokens` of right-padded rows of `lengths` (B,) real tokens in `width` columns, computed on the host.
+
+    `lengths` is a CPU tensor: no device sync is needed to find the indices, which are then copied to
+    `device` without waiting for it. None when no row is padded.
+    """
+    if bool((lengths == width).all()):
+        return None
+    positions = torch.arange(width)  # (T,)
+    host = (positions[None, :] < lengths[:, None]).flatten().nonzero().squeeze(1)  # (N,)
+    return host.to(device, non_blocking=True)

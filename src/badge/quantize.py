@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from onnxruntime.quantization import QuantType
-from onnxruntime.quantization import quantize_dynamic as onnx_quantize_dynamic
 from torch import nn
 from torch.ao.quantization import default_dynamic_qconfig
 from torch.ao.quantization import quantize_dynamic as torch_quantize_dynamic
@@ -49,7 +47,12 @@ def quantize_torch(model: MultiExitModel) -> MultiExitModel:
 
 
 def quantize_onnx(source: Path, target: Path) -> None:
-    """Write a dynamically int8-quantised copy of the ONNX graph `source` (its MatMul and Gemm weights) to `target`."""
+    """Write a dynamically int8-quantised copy of the ONNX graph `source` (its MatMul and Gemm weights) to `target`.
+
+    Needs ONNX Runtime (`badge[onnx]`), imported here so that torch int8 works without it."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as onnx_quantize_dynamic
+
     # ONNX Runtime advises its shape-inference pre-processing on every call; on these graphs it adds
     # seconds per layer and changes no node, so the advice is filtered out rather than followed.
     advice = _DropLogMessage("pre-processing before quantization")

@@ -9,6 +9,7 @@ from typing import Any
 
 from badge.comparison import Measured, RuleComparison, held
 from badge.evaluation import SweepReport
+from badge.extras import missing
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -164,9 +165,9 @@ def plot_comparison(comparison: RuleComparison, path: Path, title: str) -> None:
 
 
 def write_sweep(report: SweepReport, folder: Path, title: str) -> dict[str, Path]:
-    """Write `sweep.json`, `sweep.md` and `sweep.png` into `folder`."""
+    """Write `sweep.json`, `sweep.md` and, where matplotlib is installed (`badge[plots]`), `sweep.png` into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "sweep.json", "markdown": folder / "sweep.md", "plot": folder / "sweep.png"}
+    paths = {"json": folder / "sweep.json", "markdown": folder / "sweep.md"}
     document = {
         "selection": report.selection,
         "reported": report.reported,
@@ -177,5 +178,7 @@ def write_sweep(report: SweepReport, folder: Path, title: str) -> dict[str, Path
     }
     paths["json"].write_text(json.dumps(document, indent=2))
     paths["markdown"].write_text(sweep_markdown(report, title))
-    plot_comparison(report.comparison, paths["plot"], title)
+    if not missing("plots"):
+        paths["plot"] = folder / "sweep.png"
+        plot_comparison(report.comparison, paths["plot"], title)
     return paths

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from badge.data import TextDataset
+from badge.device import DTYPES, resolve_device
 from badge.evaluation import collect_exit_logits, make_loader
 from badge.folders import ordinary_mode
 from badge.metrics import exit_table, per_exit_metrics, primary_metric_name
@@ -42,6 +43,7 @@ CHECKPOINT = "checkpoint"
 BEST = "best"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+MIXED_PRECISION = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}  # accelerate's names for --dtype
 
 
 @dataclass
@@ -63,8 +65,12 @@ class TrainingArguments:
     resume: bool = False
     overwrite: bool = False
     max_steps: int | None = None
+    device: str = "auto"  # cpu, cuda or auto (CUDA where available)
+    dtype: str = "float32"  # float16 / bfloat16: mixed-precision training (weights stay float32)
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme {self.scheme!r} is not one of {list(SCHEMES)}")
         if self.epochs <= 0:
@@ -286,7 +292,9 @@ def train(
     for multi-exit schemes, final exit for `single_exit`) and the per-epoch history.
     """
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+        cpu=resolve_device(args.device).type == "cpu",
+        mixed_precision=MIXED_PRECISION[args.dtype],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     console = console or Console(stderr=True)
     main = accelerator.is_main_process
