@@ -183,7 +183,8 @@ def six_layer_backbone() -> dict:
 
 def test_bb_v1_settings_are_the_defaults_and_an_old_config_reads_as_v1(tmp_path) -> None:
     config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=2)
-    assert (config.use_bypass, config.bypass_input, config.gamma_schedule, config.gamma) == (True, "pooled", "constant", 0.3)
+    v1 = (True, "pooled", "constant", 0.3)
+    assert (config.use_bypass, config.bypass_input, config.gamma_schedule, config.gamma) == v1
     assert (config.distill_weight, config.gradient_equilibrium) == (0.0, False)
     assert [config.exit_gamma(layer) for layer in range(1, 6)] == [0.3] * 5
     # A config.json written before these settings existed loads with the v1 values.
@@ -276,7 +277,10 @@ def test_distillation_mixes_the_intermediate_losses_and_alpha_zero_is_the_plain_
 
     mixed = distilled(ids, mask, labels=labels)
     teacher = mixed.exit_logits[-1]
-    expected = [0.6 * ce + 0.4 * distilled.distill_loss(z, teacher) for ce, z in zip(task[:-1], mixed.exit_logits)]
+    expected = [
+        0.6 * ce + 0.4 * distilled.distill_loss(z, teacher)
+        for ce, z in zip(task[:-1], mixed.exit_logits[:-1], strict=True)
+    ]
     torch.testing.assert_close(mixed.exit_losses, torch.stack([*expected, task[-1]]).detach())
     # The final exit is the teacher: its head gets the same gradient with or without distillation.
     out.loss.backward()
@@ -311,7 +315,7 @@ def test_depth_damper_rises_from_gamma_at_layer_one_to_one_at_the_top() -> None:
     config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=2, gamma=0.1, gamma_schedule="depth")
     gammas = [config.exit_gamma(layer) for layer in range(1, 7)]
     assert gammas[0] == pytest.approx(0.1) and gammas[-1] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(gammas, gammas[1:]))
+    assert all(a < b for a, b in zip(gammas[:-1], gammas[1:], strict=True))
     model = MultiExitModel(config).eval()  # eval: no dropout, gradients still flow
     hidden = torch.randn(2, 5, 32, requires_grad=True)
     mask = torch.ones(2, 5, dtype=torch.long)
