@@ -359,3 +359,23 @@ def test_gradient_equilibrium_divides_every_losss_gradient_by_the_exits_above() 
     with torch.no_grad():
         for a, b in zip(plain(ids, mask).exit_logits, balanced(ids, mask).exit_logits, strict=True):
             torch.testing.assert_close(a, b)  # the forward pass is unchanged
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_engine_runs_a_token_bypass_model_as_its_forward_pass(packed: bool) -> None:
+    from badge import EarlyExitEngine, ExitPolicy
+
+    torch.manual_seed(0)
+    config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=3, pooling="mean", bypass_input="tokens")
+    model = MultiExitModel(config).eval()
+    for bypass in model.bypasses.values():
+        torch.nn.init.normal_(bypass.up.weight)
+    lengths = torch.randint(3, 12, (20,))
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(5, 60, (20, 12)) * mask
+    with torch.no_grad():
+        expected = torch.softmax(model(ids, mask).exit_logits[1], dim=-1)
+    for batch_size in (1, 8):
+        result = EarlyExitEngine(model, ExitPolicy("static:2"), batch_size=batch_size, packed=packed).run(ids, mask)
+        assert result.exit_layers.tolist() == [2] * 20
+        torch.testing.assert_close(result.probs, expected, atol=1e-5, rtol=1e-5)
