@@ -63,9 +63,11 @@ def predict_file(
     text_column: str = "text",
     text_pair_column: str | None = None,
     batch_size: int = 256,
-    max_length: int = 128,
+    max_length: int | None = None,
 ) -> PredictionSummary:
-    """Classify every row of `source` and write `target` (.csv or .jsonl) with label, probability, exit layer."""
+    """Classify every row of `source` and write `target` (.csv or .jsonl) with label, probability, exit layer.
+
+    Texts are cut to `max_length` tokens (default: what the model was trained with)."""
     label_names = engine.model.label_names
     task = engine.model.config.problem_type
     rows = errors = layer_sum = 0

@@ -413,7 +413,7 @@ def create_app(
     max_chars: int = 2000,
     max_body_bytes: int = 1_000_000,
     request_timeout_s: float = 30.0,
-    max_length: int = 128,
+    max_length: int | None = None,
     allowed_rules: list[str] | None = None,
     force_policy: ExitPolicy | None = None,
 ) -> FastAPI:
@@ -428,7 +428,7 @@ def create_app(
         max_chars: most characters in one text (more: 422).
         max_body_bytes: largest request body (more: 413).
         request_timeout_s: a request not answered in time gets a 504.
-        max_length: tokens per text (longer texts are truncated).
+        max_length: tokens per text (longer texts are truncated); None = what the model was trained with.
         allowed_rules: exit rules a request may choose; None = every rule but `oracle`. The server's
             own default policy is always allowed.
         force_policy: run every request with this policy instead of the model's default; a request
@@ -436,7 +436,7 @@ def create_app(
     Returns:
         The FastAPI app; the batcher starts with the app's lifespan (uvicorn, or `with TestClient(app)`).
     """
-    if min(max_batch_size, max_texts, max_chars, max_body_bytes, max_length) < 1:
+    if min(max_batch_size, max_texts, max_chars, max_body_bytes, 1 if max_length is None else max_length) < 1:
         raise ValueError("max_batch_size, max_texts, max_chars, max_body_bytes and max_length must be >= 1")
     if max_wait_ms < 0 or request_timeout_s <= 0:
         raise ValueError(f"max_wait_ms {max_wait_ms} must be >= 0 and request_timeout_s {request_timeout_s} > 0")
