@@ -290,6 +290,38 @@ def test_prune_saves_a_smaller_model_that_reloads(trained, review_files, tmp_pat
     assert runner.invoke(app, ["prune", str(best), str(tmp_path / "x"), "--heads", "1.5"]).exit_code == 2
 
 
+def test_train_options_for_distillation_and_bypass_v2_reach_config_json(tiny_encoder, review_files, tmp_path) -> None:
+    common = ["train", "--encoder", str(tiny_encoder), "--train", str(review_files["train"])]
+    common += ["--validation", str(review_files["validation"]), "--max-length", "32", "--pooling", "mean"]
+    result = runner.invoke(
+        app,
+        [
+            *common,
+            "--output",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--scheme",
+            "bb2_distill",
+            "--distill-weight",
+            "0.3",
+            "--distill-temperature",
+            "3",
+            "--gamma",
+            "0.2",
+            "--gradient-equilibrium",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "self-distillation 0.3 at T 3.0, gradient equilibrium" in result.output
+    config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    expected = {"bypass_input": "tokens", "gamma_schedule": "depth", "gamma": 0.2, "distill_weight": 0.3}
+    assert {key: config[key] for key in expected} == expected
+    assert config["distill_temperature"] == 3.0 and config["gradient_equilibrium"] is True
+    result = runner.invoke(app, [*common, "--output", str(tmp_path / "bad"), "--distill-weight", "2"])
+    assert result.exit_code == 2 and "distill_weight 2.0 must lie in [0, 1]" in result.output
+
+
 def test_training_seed_does_not_move_the_split_and_an_overlapping_split_is_refused(
     tiny_encoder, fake_rotten_tomatoes, tmp_path
 ) -> None:

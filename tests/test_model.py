@@ -178,3 +178,207 @@ def test_corrupt_or_incomplete_checkpoint_gets_a_clear_error(tiny_encoder, tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
         MultiExitModel.from_encoder(tmp_path / "empty", num_labels=2)
+
+
+def six_layer_backbone() -> dict:
+    return BertConfig(hidden_size=32, num_hidden_layers=6, intermediate_size=64, **SMALL).to_dict()
+
+
+def test_bb_v1_settings_are_the_defaults_and_an_old_config_reads_as_v1(tmp_path) -> None:
+    config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=2)
+    v1 = (True, "pooled", "constant", 0.3)
+    assert (config.use_bypass, config.bypass_input, config.gamma_schedule, config.gamma) == v1
+    assert (config.distill_weight, config.gradient_equilibrium) == (0.0, False)
+    assert [config.exit_gamma(layer) for layer in range(1, 6)] == [0.3] * 5
+    # A config.json written before these settings existed loads with the v1 values.
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key in ("bypass_input", "gamma_schedule", "distill_weight", "distill_temperature", "gradient_equilibrium"):
+        saved.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = MultiExitConfig.from_pretrained(tmp_path)
+    assert (old.bypass_input, old.gamma_schedule, old.distill_weight, old.gradient_equilibrium) == (
+        "pooled",
+        "constant",
+        0.0,
+        False,
+    )
+
+
+def test_bb_v1_exit_is_head_of_pooled_plus_bypass_of_pooled() -> None:
+    torch.manual_seed(0)
+    model = MultiExitModel(MultiExitConfig(backbone=six_layer_backbone(), num_labels=2, pooling="mean")).eval()
+    for bypass in model.bypasses.values():
+        torch.nn.init.normal_(bypass.up.weight)
+    hidden = torch.randn(3, 9, 32)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    expected = model.exits["3"](pooled + model.bypasses["1"](pooled))
+    torch.testing.assert_close(model.exit_logits(3, hidden, mask), expected)
+
+
+def test_bad_new_settings_get_clear_errors() -> None:
+    backbone = six_layer_backbone()
+    with pytest.raises(ValueError, match="distill_weight 1.5"):
+        MultiExitConfig(backbone=backbone, distill_weight=1.5)
+    with pytest.raises(ValueError, match="distill_temperature 0"):
+        MultiExitConfig(backbone=backbone, distill_temperature=0)
+    with pytest.raises(ValueError, match="bypass_input 'words'"):
+        MultiExitConfig(backbone=backbone, bypass_input="words")
+    with pytest.raises(ValueError, match="gamma_schedule 'cubic'"):
+        MultiExitConfig(backbone=backbone, gamma_schedule="cubic")
+
+
+def test_distillation_loss_equals_the_formula_on_hand_made_logits() -> None:
+    student = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.3, -0.7]])
+    teacher = torch.tensor([[1.0, 0.0, 3.0], [-2.0, 1.5, 0.2]])
+    t = 2.0
+    model = MultiExitModel(MultiExitConfig(backbone=FAMILIES["bert"].to_dict(), num_labels=3, distill_temperature=t))
+    p_teacher = torch.softmax(teacher / t, dim=-1)
+    p_student = torch.softmax(student / t, dim=-1)
+    kl = (p_teacher * (p_teacher.log() - p_student.log())).sum(-1).mean()
+    torch.testing.assert_close(model.distill_loss(student, teacher), t * t * kl)
+    assert model.distill_loss(teacher, teacher).abs() < 1e-6
+
+    multi = MultiExitModel(
+        MultiExitConfig(
+            backbone=FAMILIES["bert"].to_dict(),
+            num_labels=3,
+            distill_temperature=t,
+            problem_type="multi_label_classification",
+        )
+    )
+    q, p = torch.sigmoid(teacher / t), torch.sigmoid(student / t)
+    binary_kl = q * (q.log() - p.log()) + (1 - q) * ((1 - q).log() - (1 - p).log())
+    torch.testing.assert_close(multi.distill_loss(student, teacher), t * t * binary_kl.mean())
+    assert multi.distill_loss(teacher, teacher).abs() < 1e-6
+
+    regression = MultiExitModel(
+        MultiExitConfig(backbone=FAMILIES["bert"].to_dict(), num_labels=1, problem_type="regression")
+    )
+    torch.testing.assert_close(
+        regression.distill_loss(student[:, :1], teacher[:, :1]), ((student[:, 0] - teacher[:, 0]) ** 2).mean()
+    )
+
+
+def test_distillation_mixes_the_intermediate_losses_and_alpha_zero_is_the_plain_loss() -> None:
+    ids, mask = batch()
+    labels = torch.tensor([0, 2, 1])
+    backbone = FAMILIES["bert"].to_dict()
+    torch.manual_seed(0)
+    plain = MultiExitModel(MultiExitConfig(backbone=backbone, num_labels=3, distill_weight=0.0)).eval()
+    distilled = MultiExitModel(
+        MultiExitConfig(backbone=backbone, num_labels=3, distill_weight=0.4, distill_temperature=3.0)
+    ).eval()
+    distilled.load_state_dict(plain.state_dict())
+    out = plain(ids, mask, labels=labels)
+    task = [torch.nn.functional.cross_entropy(z, labels) for z in out.exit_logits]
+    weights = plain.default_exit_weights()
+    assert torch.equal(out.exit_losses, torch.stack(task).detach())
+    assert torch.equal(out.loss, (torch.stack(task) * weights).sum())
+
+    mixed = distilled(ids, mask, labels=labels)
+    teacher = mixed.exit_logits[-1]
+    expected = [
+        0.6 * ce + 0.4 * distilled.distill_loss(z, teacher)
+        for ce, z in zip(task[:-1], mixed.exit_logits[:-1], strict=True)
+    ]
+    torch.testing.assert_close(mixed.exit_losses, torch.stack([*expected, task[-1]]).detach())
+    # The final exit is the teacher: its head gets the same gradient with or without distillation.
+    out.loss.backward()
+    mixed.loss.backward()
+    torch.testing.assert_close(distilled.exits["4"].out.weight.grad, plain.exits["4"].out.weight.grad)
+    assert not torch.allclose(distilled.exits["1"].out.weight.grad, plain.exits["1"].out.weight.grad)
+
+
+def test_token_bypass_pools_after_the_adapter_and_equals_v1_under_cls_pooling() -> None:
+    torch.manual_seed(0)
+    config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=2, pooling="mean", bypass_input="tokens")
+    model = MultiExitModel(config).eval()
+    for bypass in model.bypasses.values():
+        torch.nn.init.normal_(bypass.up.weight)
+    hidden = torch.randn(3, 9, 32)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    hidden = hidden * mask[..., None]  # the layers leave padded positions as they are; pooling ignores them
+    adapted = hidden + model.bypasses["0"](hidden)
+    pooled = (adapted * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(model.exit_logits(2, hidden, mask), model.exits["2"](pooled))
+    flops = count_flops(model, seq_len=64)
+    assert flops.per_bypass > 64 * 2 * 32 * 32 * 2  # the adapter runs on every token
+
+    cls_tokens = MultiExitModel(MultiExitConfig(**{**config.to_dict(), "pooling": "cls"})).eval()
+    cls_pooled = MultiExitModel(MultiExitConfig(**{**config.to_dict(), "pooling": "cls", "bypass_input": "pooled"}))
+    cls_pooled.load_state_dict(cls_tokens.state_dict())
+    torch.testing.assert_close(cls_tokens.exit_logits(2, hidden, mask), cls_pooled.eval().exit_logits(2, hidden, mask))
+
+
+def test_depth_damper_rises_from_gamma_at_layer_one_to_one_at_the_top() -> None:
+    config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=2, gamma=0.1, gamma_schedule="depth")
+    gammas = [config.exit_gamma(layer) for layer in range(1, 7)]
+    assert gammas[0] == pytest.approx(0.1) and gammas[-1] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(gammas[:-1], gammas[1:], strict=True))
+    model = MultiExitModel(config).eval()  # eval: no dropout, gradients still flow
+    hidden = torch.randn(2, 5, 32, requires_grad=True)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    plain = MultiExitModel(MultiExitConfig(**{**config.to_dict(), "gamma": 1.0}))
+    plain.load_state_dict(model.state_dict())
+    plain.eval()
+    for layer in (1, 4):
+        (grad,) = torch.autograd.grad(model.exit_logits(layer, hidden, mask).sum(), hidden)
+        (reference,) = torch.autograd.grad(plain.exit_logits(layer, hidden, mask).sum(), hidden)
+        torch.testing.assert_close(grad, gammas[layer - 1] * reference)
+
+
+def test_gradient_equilibrium_divides_every_losss_gradient_by_the_exits_above() -> None:
+    ids, mask = batch()
+    backbone = FAMILIES["bert"].to_dict()  # 4 layers, 4 exits: h_1 feeds 4 losses, h_2 three
+    torch.manual_seed(0)
+    plain = MultiExitModel(MultiExitConfig(backbone=backbone, num_labels=2, use_bypass=False, gamma=1.0)).eval()
+    balanced = MultiExitModel(MultiExitConfig(**{**plain.config.to_dict(), "gradient_equilibrium": True})).eval()
+    balanced.load_state_dict(plain.state_dict())
+
+    def gradients_at(model: MultiExitModel, exit_index: int) -> dict[int, torch.Tensor]:
+        outputs = {}
+        run_layer = model.run_layer
+
+        def recording(layer, hidden, attention):
+            out = run_layer(layer, hidden, attention)
+            out.retain_grad()
+            outputs[layer] = out
+            return out
+
+        model.run_layer = recording
+        model(ids, mask).exit_logits[exit_index].sum().backward()
+        del model.run_layer  # back to the class's method
+        return {layer: out.grad for layer, out in outputs.items() if out.grad is not None}
+
+    for exit_index in (0, 1, 3):
+        before, after = gradients_at(plain, exit_index), gradients_at(balanced, exit_index)
+        for layer, n in ((1, 4), (2, 3)):
+            if layer <= exit_index + 1:
+                torch.testing.assert_close(after[layer], before[layer] / n)
+    with torch.no_grad():
+        for a, b in zip(plain(ids, mask).exit_logits, balanced(ids, mask).exit_logits, strict=True):
+            torch.testing.assert_close(a, b)  # the forward pass is unchanged
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_engine_runs_a_token_bypass_model_as_its_forward_pass(packed: bool) -> None:
+    from badge import EarlyExitEngine, ExitPolicy
+
+    torch.manual_seed(0)
+    config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=3, pooling="mean", bypass_input="tokens")
+    model = MultiExitModel(config).eval()
+    for bypass in model.bypasses.values():
+        torch.nn.init.normal_(bypass.up.weight)
+    lengths = torch.randint(3, 12, (20,))
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(5, 60, (20, 12)) * mask
+    with torch.no_grad():
+        expected = torch.softmax(model(ids, mask).exit_logits[1], dim=-1)
+    for batch_size in (1, 8):
+        result = EarlyExitEngine(model, ExitPolicy("static:2"), batch_size=batch_size, packed=packed).run(ids, mask)
+        assert result.exit_layers.tolist() == [2] * 20
+        torch.testing.assert_close(result.probs, expected, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ import torch
 from badge import MultiExitModel
 from badge.data import load_file
 from badge.evaluation import make_loader
-from badge.training import TrainingArguments, scheme_model_options, stage_exit_weights, train
+from badge.training import DISTILL_OPTIONS, TrainingArguments, scheme_model_options, stage_exit_weights, train
 
 
 def exit_losses(model: MultiExitModel, dataset) -> torch.Tensor:
@@ -97,6 +97,39 @@ def test_schemes_set_bypasses_and_loss_weights(tiny_encoder, data, tmp_path) -> 
     )
     train(joint, data["train"], data["validation"], fast_args(tmp_path, scheme="two_stage", epochs=2))
     assert all(not p.requires_grad for p in joint.encoder.parameters())
+
+
+def test_old_schemes_keep_their_options_and_bad_schemes_are_named() -> None:
+    assert scheme_model_options("bb") == {"use_bypass": True}  # the v1 defaults of MultiExitConfig
+    for scheme in ("joint", "two_stage", "single_exit"):
+        assert scheme_model_options(scheme) == {"use_bypass": False, "gamma": 1.0}
+    assert scheme_model_options("distill") == {**scheme_model_options("joint"), **DISTILL_OPTIONS}
+    assert scheme_model_options("bb_distill") == {"use_bypass": True, **DISTILL_OPTIONS}
+    assert scheme_model_options("bb2_distill") == {**scheme_model_options("bb2"), **DISTILL_OPTIONS}
+    with pytest.raises(ValueError, match="scheme 'bb3' is not one of"):
+        scheme_model_options("bb3")
+
+
+@pytest.mark.parametrize("scheme", ["distill", "bb_distill", "bb2", "bb2_distill"])
+def test_new_schemes_train_and_round_trip_through_save_and_load(scheme, tiny_encoder, data, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = MultiExitModel.from_encoder(
+        tiny_encoder, label_names=data["train"].label_names, pooling="mean", **scheme_model_options(scheme)
+    )
+    before = exit_losses(model, data["train"])
+    result = train(model, data["train"], data["validation"], fast_args(tmp_path, scheme=scheme, epochs=1))
+    after = exit_losses(model, data["train"])
+    assert after.sum() < before.sum(), f"{scheme}: per-exit losses before {before.tolist()} after {after.tolist()}"
+    saved = json.loads((result.best_dir / "config.json").read_text())
+    for key, value in scheme_model_options(scheme).items():
+        assert saved[key] == value, f"{scheme}: config.json has {key}={saved[key]!r}, expected {value!r}"
+    best = MultiExitModel.from_pretrained(result.best_dir).eval()  # one epoch: the best is the trained model
+    batch = next(iter(make_loader(data["validation"], best.tokenizer, 32, 64, shuffle=False)))
+    with torch.no_grad():
+        for a, b in zip(best(**batch).exit_logits, model.eval()(**batch).exit_logits, strict=True):
+            torch.testing.assert_close(a, b)
+    if scheme.startswith("bb"):
+        assert any(torch.count_nonzero(bypass.up.weight) > 0 for bypass in best.bypasses.values())
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test")

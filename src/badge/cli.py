@@ -113,7 +113,10 @@ def run_training(
     console.print(
         f"[bold]{encoder}[/]: {model.family}, {model.num_layers} layers, exits after {model.exit_layers}, "
         f"pooling {model.config.pooling}, bypass {'on' if model.config.use_bypass else 'off'} "
-        f"(block {model.config.block_size}, r {model.config.bypass_dim}, gamma {model.config.gamma})"
+        f"(block {model.config.block_size}, r {model.config.bypass_dim}, gamma {model.config.gamma}, "
+        f"{model.config.bypass_input} input, {model.config.gamma_schedule} damper), "
+        f"self-distillation {model.config.distill_weight} at T {model.config.distill_temperature}"
+        + (", gradient equilibrium" if model.config.gradient_equilibrium else "")
     )
     console.print(count_flops(model, seq_len=args.max_length).summary())
     console.print(
@@ -195,9 +198,20 @@ def train_command(
     max_length: Annotated[int, typer.Option(help="tokens per text; longer texts are truncated")] = 128,
     seed: Annotated[int, typer.Option(help="seed for shuffling, sampling and initialisation")] = 0,
     split_seed: SplitSeedOption = 0,
-    gamma: Annotated[float, typer.Option(help="gradient damper (bb only; 1 = off)")] = 0.3,
+    gamma: Annotated[float, typer.Option(help="gradient damper (bb, bb2 and their _distill; 1 = off)")] = 0.3,
     block_size: Annotated[int | None, typer.Option(help="layers per bypass block (default max(2, L//4))")] = None,
     bypass_dim: Annotated[int, typer.Option(help="bottleneck width of each bypass")] = 32,
+    bypass_input: Annotated[str | None, typer.Option(help="pooled (v1) or tokens (v2) (default: the scheme's)")] = None,
+    gamma_schedule: Annotated[
+        str | None, typer.Option(help="constant (v1) or depth (v2) (default: the scheme's)")
+    ] = None,
+    distill_weight: Annotated[
+        float | None, typer.Option(help="self-distillation weight of the intermediate exits, 0..1 (0 = off)")
+    ] = None,
+    distill_temperature: Annotated[float | None, typer.Option(help="self-distillation temperature")] = None,
+    gradient_equilibrium: Annotated[
+        bool, typer.Option("--gradient-equilibrium", help="ElasticBERT's gradient equilibrium in the backbone")
+    ] = False,
     pooling: Annotated[str | None, typer.Option(help="cls or mean (default: what the checkpoint declares)")] = None,
     loss_weights: Annotated[str, typer.Option(help="uniform, ascending or descending")] = "ascending",
     exit_layers: Annotated[str | None, typer.Option(help="comma-separated layers with exits (default all)")] = None,
@@ -245,8 +259,17 @@ def train_command(
             "exit_layers": _parse_layers(exit_layers),
             "block_size": block_size,
         }
-        if scheme == Scheme.bb:
+        if scheme_model_options(scheme.value).get("use_bypass"):
             options["gamma"] = gamma
+        chosen = {
+            "bypass_input": bypass_input,
+            "gamma_schedule": gamma_schedule,
+            "distill_weight": distill_weight,
+            "distill_temperature": distill_temperature,
+        }
+        options.update({key: value for key, value in chosen.items() if value is not None})
+        if gradient_equilibrium:
+            options["gradient_equilibrium"] = True
         if pooling is not None:
             options["pooling"] = pooling
         run_training(resolve_encoder(encoder), splits, args, options)

@@ -13,6 +13,8 @@ from transformers import AutoConfig, PretrainedConfig
 TASKS = ("single_label_classification", "multi_label_classification", "regression")
 POOLINGS = ("cls", "mean")
 LOSS_WEIGHTS = ("uniform", "ascending", "descending")
+BYPASS_INPUTS = ("pooled", "tokens")
+GAMMA_SCHEDULES = ("constant", "depth")
 
 DEFAULT_EXIT_POLICY: dict[str, Any] = {"rule": "entropy", "tau": 0.3}
 DEFAULT_MAX_SEQ_LENGTH = 128  # for models saved before max_seq_length was recorded
@@ -29,6 +31,16 @@ class MultiExitConfig(PretrainedConfig):
         block_size: layers per bypass block; None = `max(2, L // 4)`.
         bypass_dim: bottleneck width `r` of each bypass.
         gamma: gradient damper between the backbone and intermediate exits (1 = no damping).
+        bypass_input: what a bypass reads: `pooled` (v1: the pooled vector) or `tokens` (v2: every token's
+            hidden state, pooled after the adapter, so an exit gets a per-token non-linearity before pooling).
+        gamma_schedule: `constant` (v1: every intermediate exit damped by `gamma`) or `depth` (the damper
+            of exit i is `gamma ** ((L - i) / (L - 1))`: `gamma` at layer 1, rising towards 1 near the end).
+        distill_weight: self-distillation weight alpha of every intermediate exit: its loss is
+            `(1 - alpha) * task loss + alpha * T^2 * KL(final exit || exit)` (0 = off; the final exit keeps its
+            plain task loss and, as teacher, receives no gradient from the distillation term).
+        distill_temperature: the temperature T of the self-distillation targets.
+        gradient_equilibrium: rescale gradients in the backbone so that the gradient every exit's loss sends
+            into the hidden states of layer j is divided by the number of exits at or above j (ElasticBERT).
         classifier_dropout: dropout inside every exit head.
         loss_weights: `uniform`, `ascending` or `descending` weights over exits in the joint loss.
         exit_policy: the default exit rule and its parameters (see `badge.rules`).
@@ -50,6 +62,11 @@ class MultiExitConfig(PretrainedConfig):
         block_size: int | None = None,
         bypass_dim: int = 32,
         gamma: float = 0.3,
+        bypass_input: str = "pooled",
+        gamma_schedule: str = "constant",
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
+        gradient_equilibrium: bool = False,
         classifier_dropout: float = 0.1,
         loss_weights: str = "ascending",
         exit_policy: dict[str, Any] | None = None,
@@ -74,6 +91,14 @@ class MultiExitConfig(PretrainedConfig):
             raise ValueError(f"loss_weights {loss_weights!r} is not one of {list(LOSS_WEIGHTS)}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma {gamma} must lie in [0, 1]")
+        if bypass_input not in BYPASS_INPUTS:
+            raise ValueError(f"bypass_input {bypass_input!r} is not one of {list(BYPASS_INPUTS)}")
+        if gamma_schedule not in GAMMA_SCHEDULES:
+            raise ValueError(f"gamma_schedule {gamma_schedule!r} is not one of {list(GAMMA_SCHEDULES)}")
+        if not 0.0 <= distill_weight <= 1.0:
+            raise ValueError(f"distill_weight {distill_weight} must lie in [0, 1]")
+        if not distill_temperature > 0.0:
+            raise ValueError(f"distill_temperature {distill_temperature} must be > 0")
         if block_size is None:
             block_size = max(2, num_layers // 4)
         if not 1 <= block_size <= num_layers:
@@ -91,6 +116,11 @@ class MultiExitConfig(PretrainedConfig):
         self.block_size = int(block_size)
         self.bypass_dim = int(bypass_dim)
         self.gamma = float(gamma)
+        self.bypass_input = bypass_input
+        self.gamma_schedule = gamma_schedule
+        self.distill_weight = float(distill_weight)
+        self.distill_temperature = float(distill_temperature)
+        self.gradient_equilibrium = bool(gradient_equilibrium)
         self.classifier_dropout = float(classifier_dropout)
         self.loss_weights = loss_weights
         self.exit_policy = dict(exit_policy) if exit_policy else dict(DEFAULT_EXIT_POLICY)
@@ -108,6 +138,12 @@ class MultiExitConfig(PretrainedConfig):
         """The encoder's own `PretrainedConfig`, rebuilt from the nested dict."""
         settings = dict(self.backbone)
         return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+    def exit_gamma(self, layer: int) -> float:
+        """Gradient damper of the intermediate exit after 1-based `layer` (see `gamma_schedule`)."""
+        if self.gamma_schedule == "constant" or self.num_layers == 1:
+            return self.gamma
+        return self.gamma ** ((self.num_layers - layer) / (self.num_layers - 1))
 
     def block_of(self, layer: int) -> int:
         """0-based bypass block that 1-based `layer` belongs to."""

@@ -2,7 +2,9 @@
 
 Exit i reads the pooled hidden state of layer i. An intermediate exit sees it through a gradient
 damper (forward unchanged, gradient into the backbone times `gamma`) and its block's bypass, a
-zero-initialised bottleneck adapter; the final exit is an ordinary classifier on the last layer.
+zero-initialised bottleneck adapter on the pooled vector (v1) or on every token before pooling (v2);
+the final exit is an ordinary classifier on the last layer. Training can add self-distillation of the
+intermediate exits from the final one and ElasticBERT's gradient equilibrium (see `MultiExitConfig`).
 The model also exposes its pieces (`embed`, `attention_inputs`, `run_layer`, `exit_logits`) so that
 an inference engine can run it layer by layer and stop early.
 """
@@ -160,6 +162,9 @@ class MultiExitModel(PreTrainedModel):
         self._exit_bypass = {
             layer: str(config.block_of(layer)) if config.use_bypass else None for layer in self.intermediate_layers
         }
+        self._exit_gamma = {layer: config.exit_gamma(layer) for layer in self.intermediate_layers}
+        # v2 bypasses read tokens; with [CLS] pooling only the first token is pooled, so that is the pooled vector
+        self._token_bypass = config.use_bypass and config.bypass_input == "tokens" and config.pooling == "mean"
         self.tokenizer = None
         self.post_init()
 
@@ -311,11 +316,16 @@ class MultiExitModel(PreTrainedModel):
         """Logits (B, K) of the exit after 1-based `layer`; pass `pool_weights` when they are already at hand."""
         if pool_weights is None:
             pool_weights = self.pool_weights(attention_mask, hidden.dtype)  # (B, 1, T)
+        bypass = self._exit_bypass.get(layer)
+        if bypass is not None and self._token_bypass:  # v2: adapter on every token, then pooling
+            if torch.is_grad_enabled():
+                hidden = damp_gradient(hidden, self._exit_gamma[layer])
+            pooled = torch.bmm(pool_weights, hidden + self.bypasses[bypass](hidden)).squeeze(1)  # (B, d)
+            return self.exits[str(layer)](pooled)
         pooled = torch.bmm(pool_weights, hidden).squeeze(1)  # (B, d)
         if layer in self._exit_bypass:  # an intermediate exit
             if torch.is_grad_enabled():
-                pooled = damp_gradient(pooled, self.config.gamma)
-            bypass = self._exit_bypass[layer]
+                pooled = damp_gradient(pooled, self._exit_gamma[layer])
             if bypass is not None:
                 pooled = pooled + self.bypasses[bypass](pooled)
         return self.exits[str(layer)](pooled)
@@ -345,17 +355,61 @@ class MultiExitModel(PreTrainedModel):
         hidden = self.embed(input_ids, token_type_ids)
         attention = self.attention_inputs(hidden, attention_mask)
         wanted = set(self.config.exit_layers)
+        equilibrium = self.config.gradient_equilibrium and torch.is_grad_enabled()
         logits = []
         for layer in range(1, self.num_layers + 1):
             hidden = self.run_layer(layer, hidden, attention)
             if layer in wanted:
-                logits.append(self.exit_logits(layer, hidden, attention_mask, attention.pool_weights))
+                branch = hidden
+                if equilibrium and layer < self.num_layers:
+                    # n losses reach h_j (this exit and the n - 1 above): the branch gets 1/n of its gradient,
+                    # the path upwards (n - 1)/n, so every loss's gradient into h_j ends up divided by n.
+                    n = sum(1 for e in self.config.exit_layers if e >= layer)
+                    branch = damp_gradient(hidden, 1.0 / n)
+                    hidden = damp_gradient(hidden, (n - 1) / n)
+                logits.append(self.exit_logits(layer, branch, attention_mask, attention.pool_weights))
         if labels is None:
             return MultiExitOutput(logits=logits[-1], exit_logits=tuple(logits))
-        losses = torch.stack([self.task_loss(z, labels) for z in logits])  # (E,)
+        losses = torch.stack(self.exit_losses(logits, labels))  # (E,)
         weights = self.default_exit_weights() if exit_weights is None else exit_weights
         loss = (losses * weights.to(losses.device)).sum()
         return MultiExitOutput(loss=loss, logits=logits[-1], exit_logits=tuple(logits), exit_losses=losses.detach())
+
+    def exit_losses(self, logits: list[torch.Tensor] | tuple[torch.Tensor, ...], labels: torch.Tensor) -> list:
+        """Per-exit training losses, shallowest first: the task loss, mixed with self-distillation from the
+        (detached) final exit for the intermediate exits when `config.distill_weight` > 0."""
+        losses = [self.task_loss(z, labels) for z in logits]
+        alpha = self.config.distill_weight
+        if alpha > 0.0:
+            teacher = logits[-1].detach()
+            for e in range(len(logits) - 1):
+                distill = self.distill_loss(logits[e], teacher)
+                losses[e] = (1.0 - alpha) * losses[e] + alpha * distill
+        return losses
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Self-distillation loss of one exit's logits (B, K) towards the teacher's logits (B, K).
+
+        Single-label: `T^2 * KL(softmax(teacher / T) || softmax(student / T))`, averaged over the batch.
+        Multi-label: `T^2 *` the per-label binary KL between `sigmoid(teacher / T)` and `sigmoid(student / T)`,
+        averaged over batch and labels (as the task's BCE). Regression: MSE to the teacher's prediction.
+        """
+        task = self.config.problem_type
+        if task == "regression":
+            return nn.functional.mse_loss(student, teacher)
+        t = self.config.distill_temperature
+        if task == "multi_label_classification":
+            target = torch.sigmoid(teacher / t)
+            cross = nn.functional.binary_cross_entropy_with_logits(student / t, target)
+            entropy = nn.functional.binary_cross_entropy_with_logits(teacher / t, target)
+            return t * t * (cross - entropy)
+        kl = nn.functional.kl_div(
+            nn.functional.log_softmax(student / t, dim=-1),
+            nn.functional.log_softmax(teacher / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return t * t * kl
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of one exit for this model's task."""
@@ -668,6 +722,8 @@ def count_flops(model: MultiExitModel, seq_len: int = 128) -> FlopCount:
     per_exit_head = pool + 2 * d * d + 2 * d * k
     r = model.config.bypass_dim
     per_bypass = 2 * d * r * 2 + 5 * d  # down, up, layer norm
+    if model._token_bypass:  # v2 on tokens: the adapter runs on every token, then one more pooling
+        per_bypass = per_bypass * t + t * d
     bypassed = len(model.intermediate_layers) if model.config.use_bypass else 0
     return FlopCount(
         seq_len=seq_len,

@@ -1,4 +1,4 @@
-"""Training a multi-exit model: joint / BB / two-stage / single-exit schemes, with `accelerate`.
+"""Training a multi-exit model: joint / BB / self-distillation / two-stage / single-exit schemes, with `accelerate`.
 
 The same loop runs on one CPU, one GPU, or several processes (`torchrun` or `accelerate launch`,
 gloo on CPU). After every epoch each exit is evaluated on the validation split; the best model is
@@ -34,11 +34,18 @@ from badge.metrics import exit_table, per_exit_metrics, primary_metric_name
 from badge.modeling import MultiExitModel, replace_directory
 
 SCHEMES = {
-    "bb": "joint training of all exits through block-wise bypasses and the gradient damper",
+    "bb": "joint training of all exits through block-wise bypasses and the gradient damper (v1)",
     "joint": "plain joint training of all exits (no bypass, no damper)",
     "two_stage": "fine-tune the final exit, then freeze the backbone and train the other exits (DeeBERT)",
     "single_exit": "ordinary fine-tune of the final classifier only (a reference, not a multi-exit model)",
+    "distill": "joint training, intermediate exits also distilled from the final exit (no bypass, no damper)",
+    "bb_distill": "bb (v1 bypasses) with the intermediate exits distilled from the final exit",
+    "bb2": "joint training through v2 bypasses: adapters on tokens, damper rising with depth",
+    "bb2_distill": "bb2 with the intermediate exits distilled from the final exit",
 }
+# Self-distillation settings the *_distill schemes start from (any can be overridden per run).
+DISTILL_OPTIONS: dict[str, Any] = {"distill_weight": 0.5, "distill_temperature": 2.0}
+BB2_OPTIONS: dict[str, Any] = {"use_bypass": True, "bypass_input": "tokens", "gamma_schedule": "depth"}
 CHECKPOINT = "checkpoint"
 BEST = "best"
 STATE_FILE = "trainer_state.json"
@@ -97,10 +104,21 @@ class TrainingResult:
 
 
 def scheme_model_options(scheme: str) -> dict[str, Any]:
-    """`MultiExitConfig` options a scheme implies (plain joint and two-stage have no bypass nor damper)."""
-    if scheme == "bb":
-        return {"use_bypass": True}
-    return {"use_bypass": False, "gamma": 1.0}
+    """`MultiExitConfig` options a scheme implies (plain joint and two-stage have no bypass nor damper).
+
+    `bb` keeps the v1 defaults of `MultiExitConfig` (pooled bypass, constant damper, no distillation).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme {scheme!r} is not one of {list(SCHEMES)}")
+    if scheme in ("bb", "bb_distill"):
+        options: dict[str, Any] = {"use_bypass": True}
+    elif scheme in ("bb2", "bb2_distill"):
+        options = dict(BB2_OPTIONS)
+    else:
+        options = {"use_bypass": False, "gamma": 1.0}
+    if scheme.endswith("distill"):
+        options.update(DISTILL_OPTIONS)
+    return options
 
 
 def stage_exit_weights(model: MultiExitModel, scheme: str, stage: int) -> torch.Tensor:
