@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from transformers.utils import logging as hf_logging
 
 from badge.config import TASKS
@@ -43,7 +44,7 @@ QUICKSTART_TRAIN_SAMPLES = 6000  # keeps the run near 6 minutes on 2 CPU cores
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # a message may hold brackets: badge[ray]
     return typer.Exit(code=2)
 
 
