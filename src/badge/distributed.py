@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +40,10 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the Ray cluster at `address` (or $RAY_ADDRESS, or a `ray start` cluster on this machine), else start one.
-
-    `num_cpus` limits a cluster started here; it is ignored when joining an existing one.
-    """
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster at `address` (or $RAY_ADDRESS, or a `ray start` cluster on this machine), else start one."""
     ray = import_ray()
-    if ray.is_initialized():
-        return
-    if address is None and os.environ.get("RAY_ADDRESS") is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    else:
+    if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
 
 
@@ -80,6 +75,43 @@ def replica_class() -> type:
     return serve.ingress()(BadgeReplica)
 
 
+def deployment(
+    model_dir: str | os.PathLike,
+    *,
+    replicas: int = 1,
+    threads: int | None = 1,
+    max_ongoing_requests: int = 512,
+    **app_options: Any,
+) -> Any:
+    """The bound Ray Serve application: `replicas` copies of the `create_app` app (see `serve_on_ray`)."""
+    if replicas < 1 or (threads is not None and threads < 1) or max_ongoing_requests < 1:
+        raise ValueError(
+            f"replicas {replicas}, threads {threads} and max_ongoing_requests {max_ongoing_requests} must be >= 1"
+        )
+    from ray import serve
+
+    replica = serve.deployment(
+        replica_class(),
+        name=DEPLOYMENT_NAME,
+        num_replicas=replicas,
+        max_ongoing_requests=max_ongoing_requests,
+        ray_actor_options={"num_cpus": threads or 1},
+        health_check_period_s=5,
+    )
+    return replica.bind(str(model_dir), threads, app_options)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run` and KubeRay's RayService: `import_path: badge.distributed:build_app`.
+
+    `args` holds `model_dir` and any keyword of `deployment` (replicas, threads, max_batch_size, ...).
+    """
+    options = dict(args)
+    if "model_dir" not in options:
+        raise ValueError(f"args {sorted(options)} lack model_dir: the model folder every node can read")
+    return deployment(options.pop("model_dir"), **options)
+
+
 def serve_on_ray(
     model_dir: str | os.PathLike,
     *,
@@ -102,29 +134,35 @@ def serve_on_ray(
         max_ongoing_requests: requests Ray hands one replica at once; above the replica's own queue
             bound, so the replica's admission control (503 + Retry-After) decides, not Ray's queue.
         address: the Ray cluster to join (None: $RAY_ADDRESS, a local `ray start` cluster, or a new local one).
-        blocking: wait until interrupted (Ctrl-C then shuts the deployment down); False returns once it is up.
+        blocking: serve until SIGINT or SIGTERM, then delete the deployment; False returns once it is up.
         app_options: options of `badge.serve.create_app` (max_batch_size, max_queue, request_timeout_s, ...).
     """
-    if replicas < 1 or (threads is not None and threads < 1) or max_ongoing_requests < 1:
-        raise ValueError(
-            f"replicas {replicas}, threads {threads} and max_ongoing_requests {max_ongoing_requests} must be >= 1"
-        )
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
+    app = deployment(
+        Path(model_dir).resolve(),
+        replicas=replicas,
+        threads=threads,
+        max_ongoing_requests=max_ongoing_requests,
+        **app_options,
+    )
     connect(address)
     from ray import serve
 
-    deployment = serve.deployment(
-        replica_class(),
-        name=DEPLOYMENT_NAME,
-        num_replicas=replicas,
-        max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": threads or 1},
-        health_check_period_s=5,
-    )
     serve.start(http_options={"host": host, "port": port})
-    app = deployment.bind(str(Path(model_dir).resolve()), threads, app_options)
-    serve.run(app, name=DEPLOYMENT_NAME, route_prefix="/", blocking=blocking)
+    serve.run(app, name=DEPLOYMENT_NAME, route_prefix="/")
+    if not blocking:
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # a container stop ends the deployment like Ctrl-C
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        serve.delete(DEPLOYMENT_NAME)
 
 
 # ----- batch prediction ----------------------------------------------------------------------
