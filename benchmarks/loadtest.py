@@ -295,6 +295,7 @@ def report(
         f"{args.threads or 'default'}; load from Locust {version('locust')} (FastHttpUser, one process) on the "
         f"same machine, loopback only. {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}.",
+        *(["", f"Model note: {args.note}"] if args.note else []),
         "",
         f"**Noisy numbers**: the machine is shared (other jobs ran during the test; load averages 1/5/15 min "
         f"during the single-process phases: {'; '.join(loads)}), and Locust competes with the server for "
@@ -373,6 +374,7 @@ def main() -> None:
     parser.add_argument("--ray-replicas", type=int, nargs="*", default=[1, 2], help="Ray Serve runs (none: skip)")
     parser.add_argument("--startup-timeout-s", type=float, default=180.0)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/LOADTEST.md"))
+    parser.add_argument("--note", default="", help="a line about the model or the run, printed in the report")
     args = parser.parse_args()
     if min(args.capacity_s, args.phase_s, args.soak_s, args.max_batch_size) <= 0:
         parser.error("--capacity-s, --phase-s, --soak-s and --max-batch-size must be positive")

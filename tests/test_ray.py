@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is part of the extra: pip install 'badge[ray]'")
 
 from badge import EarlyExitEngine, MultiExitModel  # noqa: E402
-from badge.distributed import input_files, output_files, predict_on_ray, serve_on_ray  # noqa: E402
+from badge.distributed import build_app, input_files, output_files, predict_on_ray, serve_on_ray  # noqa: E402
 from badge.predict import predict_file  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -152,3 +152,12 @@ def test_ray_serve_replicas_answer_like_the_engine_with_the_same_api(local_ray: 
     assert [result["exit_layer"] for result in results] == expected.exit_layers.tolist()
     probabilities = torch.tensor([[result["probabilities"][name] for name in LABELS] for result in results])
     torch.testing.assert_close(probabilities, expected.probs, atol=1e-5, rtol=1e-5)
+
+
+def test_the_application_builder_for_kuberay_needs_a_model_folder(model_dir: Path) -> None:
+    application = build_app({"model_dir": str(model_dir), "replicas": 2, "max_batch_size": 8})
+    assert isinstance(application, serve.Application)
+    with pytest.raises(ValueError, match=r"lack model_dir"):
+        build_app({"replicas": 2})
+    with pytest.raises(ValueError, match="replicas 0"):
+        build_app({"model_dir": str(model_dir), "replicas": 0})
