@@ -355,29 +355,33 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(
     with serving(create_app(served_model, max_batch_size=1, max_queue=2, max_wait_ms=0)) as url:
         slow_down(served_model, monkeypatch, 0.6)
 
-        async def scenario() -> tuple[list[httpx.Response], httpx.Response, float, httpx.Response]:
+        async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response, float, httpx.Response]:
             async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
                 running = asyncio.create_task(http.post("/v1/classify", json={"texts": "good"}))
-                await asyncio.sleep(0.3)  # the first text is inside the model; the next two wait
-                waiting = [asyncio.create_task(http.post("/v1/classify", json={"texts": t})) for t in TEXTS[:2]]
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.3)  # the first text is inside the model
+                waiting = [asyncio.create_task(http.post("/v1/classify", json={"texts": "fine"}))]
+                await asyncio.sleep(0.1)  # one text waits: two more do not fit, one does
+                too_big = await http.post("/v1/classify", json={"texts": ["dull", "bad"]})
+                waiting.append(asyncio.create_task(http.post("/v1/classify", json={"texts": "fun"})))
+                await asyncio.sleep(0.1)  # now the queue is full
                 start = time.perf_counter()
                 refused = await http.post("/v1/classify", json={"texts": "one too many"})
                 seconds = time.perf_counter() - start
                 ready = await http.get("/readyz")
-                return [await running, *await asyncio.gather(*waiting)], refused, seconds, ready
+                return [await running, *await asyncio.gather(*waiting)], too_big, refused, seconds, ready
 
-        accepted, refused, seconds, ready = asyncio.run(scenario())
+        accepted, too_big, refused, seconds, ready = asyncio.run(scenario())
         with httpx.Client(base_url=url, trust_env=False) as http:
             overloaded = metric(http, "badge_errors_total", kind="overloaded")
             ready_after = http.get("/readyz")
     assert [response.status_code for response in accepted] == [200, 200, 200]
+    assert too_big.status_code == 503 and "1 texts already wait" in too_big.json()["detail"]
     assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) >= 1
-    assert "2 texts already wait" in refused.json()["detail"]
+    assert "2 texts already wait for the model; the queue holds 2" in refused.json()["detail"]
     assert seconds < 0.25, "a refusal must not wait for the model"
     assert ready.status_code == 503 and "the queue is full (2 of 2 texts)" in ready.json()["reasons"]
-    assert overloaded == 1
+    assert overloaded == 2
     assert ready_after.status_code == 200 and ready_after.json()["status"] == "ready"
 
 
@@ -520,7 +524,9 @@ def test_a_body_that_does_not_arrive_in_time_gets_a_408_and_the_connection_close
 
 
 @pytest.mark.parametrize(
-    "batch_seconds, expected", [(0.05, 32 * 8), (0.1, 32 * 3), (0.2, 32), (2.0, 32)], ids=lambda value: str(value)
+    "batch_seconds, expected",
+    [(0.05, 32 * 8), (0.1, 32 * 3), (0.2, 32 * 2), (2.0, 32 * 2)],
+    ids=lambda value: str(value),
 )
 def test_the_default_queue_holds_what_the_latency_target_allows(batch_seconds: float, expected: int) -> None:
     assert derive_max_queue(32, batch_seconds, latency_target_ms=500) == expected

@@ -125,7 +125,7 @@ class ServeMetrics:
             "badge_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
         )
         self.latency = Histogram(
-            "badge_request_duration_seconds", "HTTP request latency", ["endpoint"], registry=self.registry
+            "badge_request_duration_seconds", "HTTP request latency", ["endpoint", "status"], registry=self.registry
         )
         self.errors = Counter(
             "badge_errors",
@@ -156,7 +156,7 @@ class ServeMetrics:
         A probe's 503 (`/healthz`, `/readyz`) is an answer, not a failed request: it counts only by status.
         """
         self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        self.latency.labels(endpoint, str(status)).observe(seconds)
         if status >= 400 and endpoint not in ("/healthz", "/readyz"):
             kind = {408: "body_timeout", 413: "too_large", 503: "overloaded", 504: "timeout"}.get(
                 status, "model" if status >= 500 else "invalid"
@@ -190,6 +190,26 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send_and_note_status)
         finally:
             self.metrics.record_request(endpoint, status, time.perf_counter() - start)
+
+
+class _AdmissionMiddleware:
+    """Refuses `POST /v1/classify` with 503 before reading its body while the queue is full.
+
+    The handler checks again with the request's own text count; this early check only spares a
+    refused request the body read and validation, so an overloaded server answers the excess fast.
+    """
+
+    def __init__(self, app: ASGIApp, batcher: MicroBatcher) -> None:
+        self.app = app
+        self.batcher = batcher
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/classify" and self.batcher.queue_full:
+            error = self.batcher.overloaded()
+            headers = {"retry-after": str(error.retry_after_s)}
+            await JSONResponse({"detail": str(error)}, status_code=503, headers=headers)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class _BodyLimitMiddleware:
@@ -299,10 +319,11 @@ def derive_max_queue(max_batch_size: int, batch_seconds: float, latency_target_m
 
     A text that joins a full queue waits for the batch running now, for the queue ahead of it, and for
     its own batch: about `(max_queue / max_batch_size + 2)` batches of `batch_seconds` each. The queue
-    holds at least one batch, so the model never idles while requests wait.
+    holds at least two batches even when the target is tighter than that: arrivals come in bursts,
+    and a one-batch queue refuses requests while the model is only partly busy.
     """
     batches = math.floor(latency_target_ms / 1000 / max(batch_seconds, 1e-6)) - 2
-    return max_batch_size * max(1, batches)
+    return max_batch_size * max(2, batches)
 
 
 class MicroBatcher:
@@ -368,6 +389,13 @@ class MicroBatcher:
         """Whole seconds until the texts waiting now are likely done (at least 1)."""
         return max(1, math.ceil(self.waiting_texts * self.seconds_per_text))
 
+    def overloaded(self) -> Overloaded:
+        """The refusal for a request that does not fit the queue now."""
+        return Overloaded(
+            f"{self.waiting_texts} texts already wait for the model; the queue holds {self.max_queue}",
+            self.retry_after_s(),
+        )
+
     async def run_in_worker(self, function: Callable[[], Any]) -> Any:
         """Run `function` in the model's worker thread (between batches, never beside one)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, function)
@@ -408,10 +436,7 @@ class MicroBatcher:
         if not self.alive:
             raise BatcherStopped("the server is shutting down" if self._stopping else "the batching loop stopped")
         if self.waiting_texts > 0 and self.waiting_texts + len(texts) > self.max_queue:
-            raise Overloaded(
-                f"{self.waiting_texts} texts already wait for the model; the queue holds {self.max_queue}",
-                self.retry_after_s(),
-            )
+            raise self.overloaded()
         future = asyncio.get_running_loop().create_future()
         job = _Job(texts, text_pairs, policy, future, deadline)
         future.add_done_callback(lambda _: self._leave_queue(job))  # a caller that gives up frees its place
@@ -788,6 +813,7 @@ def create_app(
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(_BodyLimitMiddleware, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
+    app.add_middleware(_AdmissionMiddleware, batcher=batcher)
     app.add_middleware(_MetricsMiddleware, metrics=metrics, endpoints={route.path for route in app.routes})
     return app
 
