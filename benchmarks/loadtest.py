@@ -233,9 +233,13 @@ def load_average() -> str:
     return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
-def users_for(rps: float, seconds_in_flight: float = 1.0) -> int:
-    """Users enough that arrivals stay near `rps` although each user waits for its answer (about open loop)."""
-    return max(16, math.ceil(rps * seconds_in_flight))
+def users_for(rps: float, seconds_in_flight: float = 5.0) -> int:
+    """Users enough that arrivals stay near `rps` although each user waits for its answer (about open loop).
+
+    A user waits for its answer before pacing the next request, so each must send less often than its
+    slowest answer takes: `seconds_in_flight` covers a full queue on this machine.
+    """
+    return min(1500, max(16, math.ceil(rps * seconds_in_flight)))
 
 
 def measure_server(
@@ -352,7 +356,9 @@ def report(
             f"- Memory over the {args.soak_s:g} s soak (server RSS sampled every 5 s, {len(memory)} samples): "
             f"first minute {first:.0f} MiB, last minute {final:.0f} MiB, max {max(rss for _, rss in memory):.0f} "
             f"MiB; growth {final - first:+.1f} MiB ({100 * (final - first) / first:+.1f} %): "
-            f"{verdict(abs(final - first) < 0.05 * first)} (flat = within 5 %)."
+            f"{verdict(abs(final - first) < 0.05 * first)} (flat = within 5 %). RSS at each minute (MiB): "
+            + ", ".join(f"{rss:.0f}" for t, rss in memory if round(t) % 60 < 5)
+            + "."
         )
     if ray_runs:
         lines += [
