@@ -233,13 +233,14 @@ def load_average() -> str:
     return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
-def users_for(rps: float, seconds_in_flight: float = 5.0) -> int:
+def users_for(rps: float, seconds_in_flight: float) -> int:
     """Users enough that arrivals stay near `rps` although each user waits for its answer (about open loop).
 
-    A user waits for its answer before pacing the next request, so each must send less often than its
-    slowest answer takes: `seconds_in_flight` covers a full queue on this machine.
+    A user waits for its answer before pacing the next request, so each should send less often than
+    its slow answers take (`seconds_in_flight`), but more often than every 5 s: uvicorn closes idle
+    keep-alive connections after 5 s, and reconnecting costs both sides CPU.
     """
-    return min(1500, max(16, math.ceil(rps * seconds_in_flight)))
+    return max(16, math.ceil(rps * min(seconds_in_flight, 4.0)))
 
 
 def measure_server(
@@ -259,18 +260,18 @@ def measure_server(
         phases.append(capacity)
         rate = capacity.accepted_rps
         print(f"{name}: capacity {rate:.1f} req/s with {users} closed-loop users", flush=True)
-        sustained = Phase(f"{name} sustained 80%", 0.8 * rate, users_for(0.8 * rate), args.phase_s)
+        sustained = Phase(f"{name} sustained 80%", 0.8 * rate, users_for(0.8 * rate, 2.0), args.phase_s)
         phases.append(run_locust(url, sustained, texts_file, workdir))
         loads.append(load_average())
         if soak:
-            overload = Phase(f"{name} overload 200%", 2 * rate, users_for(2 * rate), args.phase_s)
+            overload = Phase(f"{name} overload 200%", 2 * rate, users_for(2 * rate, 3.0), args.phase_s)
             before = refusals_within_50ms(url)
             phases.append(run_locust(url, overload, texts_file, workdir))
             after = refusals_within_50ms(url)
             overload.server_refusals = (after[0] - before[0], after[1] - before[1])
             loads.append(load_average())
             with MemorySampler(process.pid) as sampler:
-                soaking = Phase(f"{name} soak 80%", 0.8 * rate, users_for(0.8 * rate), args.soak_s)
+                soaking = Phase(f"{name} soak 80%", 0.8 * rate, users_for(0.8 * rate, 2.0), args.soak_s)
                 phases.append(run_locust(url, soaking, texts_file, workdir))
             memory = sampler.samples
             loads.append(load_average())
