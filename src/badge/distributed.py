@@ -213,7 +213,7 @@ class _ChunkPredictor:
         threads: int | None,
         text_column: str,
         with_pairs: bool,
-        max_length: int,
+        max_length: int | None,
     ) -> None:
         from badge.onnx_engine import load_engine
 
@@ -242,7 +242,7 @@ def predict_on_ray(
     text_pair_column: str | None = None,
     batch_size: int = 32,
     chunk_size: int = 256,
-    max_length: int = 128,
+    max_length: int | None = None,
     workers: int = 2,
     threads: int = 1,
     address: str | None = None,
@@ -261,7 +261,7 @@ def predict_on_ray(
     Returns:
         One `PredictionSummary` per input file, in the order of `input_files(source)`.
     """
-    if min(workers, threads, batch_size, chunk_size, max_length) < 1:
+    if min(workers, threads, batch_size, chunk_size, 1 if max_length is None else max_length) < 1:
         raise ValueError(
             f"workers {workers}, threads {threads}, batch_size {batch_size}, chunk_size {chunk_size} "
             f"and max_length {max_length} must be >= 1"

@@ -24,7 +24,7 @@ from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
-from badge.config import MultiExitConfig
+from badge.config import DEFAULT_MAX_SEQ_LENGTH, MultiExitConfig
 from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
@@ -163,6 +163,23 @@ class MultiExitModel(PreTrainedModel):
     @property
     def intermediate_layers(self) -> list[int]:
         return [layer for layer in self.config.exit_layers if layer != self.config.num_layers]
+
+    def max_length(self, requested: int | None = None) -> int:
+        """Tokens per text: `requested`, else what the model was trained with; checked against the encoder.
+
+        Raises ValueError naming the value when it is not a positive integer or exceeds the encoder's
+        position limit.
+        """
+        value = self.config.max_seq_length or DEFAULT_MAX_SEQ_LENGTH if requested is None else requested
+        backbone = self.encoder.config
+        limit = getattr(backbone, "max_position_embeddings", None)
+        if limit is not None and self.family in ("roberta", "xlm-roberta"):
+            limit -= backbone.pad_token_id + 1  # positions start after the padding index
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"max length {value!r} must be an integer >= 2 (tokens per text, special tokens included)")
+        if limit is not None and value > limit:
+            raise ValueError(f"max length {value} exceeds the {limit} positions of this {self.family} encoder")
+        return value
 
     @property
     def label_names(self) -> list[str]:

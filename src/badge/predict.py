@@ -94,7 +94,7 @@ def predict_chunk(
     *,
     text_column: str = "text",
     with_pairs: bool = False,
-    max_length: int = 128,
+    max_length: int | None = None,
 ) -> list[dict[str, Any]]:
     """Output records (`OUTPUT_FIELDS`) of one chunk from `read_chunks`: one engine call, or one error row."""
     if len(chunk) == 1 and (not isinstance(chunk[0][1], str) or not chunk[0][1].strip()):
@@ -164,9 +164,11 @@ def predict_file(
     text_column: str = "text",
     text_pair_column: str | None = None,
     batch_size: int = 256,
-    max_length: int = 128,
+    max_length: int | None = None,
 ) -> PredictionSummary:
-    """Classify every row of `source` and write `target` (.csv or .jsonl) with label, probability, exit layer."""
+    """Classify every row of `source` and write `target` (.csv or .jsonl) with label, probability, exit layer.
+
+    Texts are cut to `max_length` tokens (default: what the model was trained with)."""
     writer = PredictionWriter(target)
     try:
         with tqdm(total=_count_rows(source), desc=f"predicting {source.name}", unit="row") as progress:

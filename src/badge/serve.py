@@ -620,7 +620,7 @@ def create_app(
     max_body_bytes: int = 1_000_000,
     body_timeout_s: float = 10.0,
     request_timeout_s: float = 30.0,
-    max_length: int = 128,
+    max_length: int | None = None,
     allowed_rules: list[str] | None = None,
     force_policy: ExitPolicy | None = None,
 ) -> FastAPI:
@@ -641,7 +641,7 @@ def create_app(
         body_timeout_s: a request body not fully arrived after this gets a 408.
         request_timeout_s: a request not answered in time gets a 504; one still queued then is dropped
             before the model runs it. Also how long shutdown waits for accepted requests.
-        max_length: tokens per text (longer texts are truncated).
+        max_length: tokens per text (longer texts are truncated); None = what the model was trained with.
         allowed_rules: exit rules a request may choose; None = every rule but `oracle`. The server's
             own default policy is always allowed.
         force_policy: run every request with this policy instead of the model's default; a request
@@ -650,7 +650,7 @@ def create_app(
         The FastAPI app; the batcher starts with the app's lifespan (uvicorn, or `with TestClient(app)`).
         `app.state.batcher` is its `MicroBatcher`.
     """
-    if min(max_batch_size, max_texts, max_chars, max_body_bytes, max_length) < 1:
+    if min(max_batch_size, max_texts, max_chars, max_body_bytes, 1 if max_length is None else max_length) < 1:
         raise ValueError("max_batch_size, max_texts, max_chars, max_body_bytes and max_length must be >= 1")
     if max_queue is not None and max_queue < 1:
         raise ValueError(f"max_queue {max_queue} must be >= 1 (or None to derive it from latency_target_ms)")

@@ -192,6 +192,9 @@ def train(
                 f"resuming from {checkpoint} at epoch {loop_state['epoch'] + 1}, step {loop_state['global_step']}"
             )
     set_seed(args.seed + loop_state["global_step"])
+    # Saved with every checkpoint: later commands tokenise as training did and can refuse overlapping splits.
+    model.config.max_seq_length = model.max_length(args.max_length)
+    model.config.training_data = {"train": train_data.origin, "validation": validation_data.origin}
     tokenizer = model.tokenizer
     task = model.config.problem_type
     metric_name = primary_metric_name(task)
