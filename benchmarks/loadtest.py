@@ -1,33 +1,48 @@
-"""HTTP load test: the model's early exits against all layers, each behind a real server on loopback.
+"""HTTP load test with Locust: capacity, sustained load, 2x overload, a memory soak, and Ray Serve replicas.
 
-    python benchmarks/loadtest.py runs/quickstart/best --requests 500 --concurrency 16
+    python benchmarks/loadtest.py runs/quickstart/best            # writes benchmarks/LOADTEST.md
 
-Starts two server processes (`badge.serve.run_server`) on free 127.0.0.1 ports: one runs the model's
-default exit policy, the other is forced to run every layer (`ExitPolicy("full")`). Each server in turn
-gets the same bounded stream of requests (at most --requests, for at most --duration-s) from
---concurrency clients (httpx.AsyncClient). Texts come from --texts-file (one per line) or a built-in
-list of short reviews. Prints and writes a Markdown table (default benchmarks/LOADTEST.md):
-throughput, p50/p99 latency, errors, mean exit layer, and the early-exit / all-layers throughput ratio.
+Every server runs in a child process on 127.0.0.1 and every load phase is bounded in time; Locust
+(`benchmarks/locustfile.py`, headless, one process) sends one text per request. Phases against the
+single-process server (`badge.serve.run_server`, its default admission control):
+
+1. capacity: closed loop (each user sends again as soon as answered), as many users as the queue holds;
+   capacity = answered requests per second.
+2. sustained: open loop at 80 % of capacity (users pacing themselves with `constant_throughput`);
+   must end with 0 errors.
+3. overload: open loop at 200 % of capacity; the excess must get 503 in under 50 ms (p99), and the
+   accepted requests must keep p99 under twice the sustained p99.
+4. soak: 80 % of capacity for `--soak-s` seconds while the server's resident memory is sampled.
+
+Then the same model behind Ray Serve (`badge.distributed.serve_on_ray`) with each of `--ray-replicas`:
+capacity and sustained 80 %. Results go to a Markdown table (default benchmarks/LOADTEST.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import csv
 import json
 import math
 import os
 import platform
+import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 HOST = "127.0.0.1"
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 REVIEWS = [
     "A warm, funny film with a great cast.",
     "The plot drags and the jokes fall flat.",
@@ -46,43 +61,51 @@ REVIEWS = [
     "A crowd-pleaser in the best sense of the word.",
     "The sequel nobody asked for, and it shows.",
 ]
-# Runs in each server process: options arrive as one JSON argument.
+# Run in the server processes; options arrive as one JSON argument.
 SERVER_CODE = """
 import json, sys
-from badge.rules import ExitPolicy
 from badge.serve import run_server
 options = json.loads(sys.argv[1])
-forced = options.pop("force_policy")
-run_server(options.pop("model_dir"), force_policy=ExitPolicy.from_dict(forced) if forced else None, **options)
+run_server(options.pop("model_dir"), **options)
+"""
+RAY_SERVER_CODE = """
+import json, sys
+from badge.distributed import serve_on_ray
+options = json.loads(sys.argv[1])
+serve_on_ray(options.pop("model_dir"), **options)
 """
 
 
 @dataclass
-class LoadResult:
-    """What one server did under load: successful request latencies, exit layers, errors and wall time."""
+class Phase:
+    """One bounded Locust run and what came back: accepted (200) and refused (503) answers, failures."""
 
-    server: str
-    policy: str
-    latencies: list[float] = field(default_factory=list)
-    exit_layers: list[int] = field(default_factory=list)
-    errors: int = 0
-    seconds: float = 0.0
+    name: str
+    offered_rps: float | None  # None: closed loop
+    users: int
+    seconds: float
+    accepted: dict = field(default_factory=dict)  # Locust's stats row of `accepted`
+    refused: dict = field(default_factory=dict)  # ... of `refused`
+    failures: int = 0
+    failure_kinds: dict = field(default_factory=dict)
+    server_refusals: tuple[float, float] | None = None  # (503s, 503s answered within 50 ms), server's own clock
 
     @property
-    def requests_per_s(self) -> float:
-        return len(self.latencies) / self.seconds if self.seconds else 0.0
+    def accepted_count(self) -> int:
+        return int(self.accepted.get("Request Count", 0)) - int(self.accepted.get("Failure Count", 0))
 
     @property
-    def texts_per_s(self) -> float:
-        return len(self.exit_layers) / self.seconds if self.seconds else 0.0
+    def refused_count(self) -> int:
+        return int(self.refused.get("Request Count", 0))
 
+    @property
+    def accepted_rps(self) -> float:
+        return self.accepted_count / self.seconds
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile (NaN for no values)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+    def percentile(self, which: str, column: str) -> float:
+        row = self.accepted if which == "accepted" else self.refused
+        value = row.get(column, "N/A")
+        return math.nan if value in ("N/A", "", None) else float(value)
 
 
 def free_port() -> int:
@@ -92,149 +115,322 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(
-    model_dir: Path, port: int, force_policy: dict | None, max_batch_size: int, max_wait_ms: float
-) -> subprocess.Popen:
-    """Start `run_server` in a child process on 127.0.0.1:`port`."""
-    options = {
-        "model_dir": str(model_dir),
-        "host": HOST,
-        "port": port,
-        "log_level": "warning",
-        "force_policy": force_policy,
-        "max_batch_size": max_batch_size,
-        "max_wait_ms": max_wait_ms,
-    }
-    return subprocess.Popen([sys.executable, "-c", SERVER_CODE, json.dumps(options)])
+def start_server(code: str, options: dict, log: Path) -> subprocess.Popen:
+    """Start a server child process in its own session (so everything it spawns can be stopped with it)."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(options)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def wait_until_ready(process: subprocess.Popen, url: str, timeout_s: float) -> dict:
-    """Poll /healthz until the server answers; return its /v1/model description."""
+def stop_server(process: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGINT (graceful: finish accepted requests), then SIGKILL whatever is left of the process's session."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # children it started (Ray's raylet, workers) share its session
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, timeout_s: float, log: Path) -> dict:
+    """Poll /readyz until the server says ready; return its body."""
     deadline = time.monotonic() + timeout_s
     with httpx.Client(base_url=url, trust_env=False, timeout=5) as http:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"the server for {url} exited with code {process.returncode} before it was ready")
+                raise RuntimeError(
+                    f"the server exited with code {process.returncode}; its log:\n{log.read_text()[-3000:]}"
+                )
             try:
-                if http.get("/healthz").status_code == 200:
-                    return http.get("/v1/model").json()
+                response = http.get("/readyz")
+                if response.status_code == 200:
+                    return response.json()
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
-    raise RuntimeError(f"the server for {url} was not ready within {timeout_s} s")
+            time.sleep(0.5)
+    raise RuntimeError(f"the server at {url} was not ready within {timeout_s} s; its log:\n{log.read_text()[-3000:]}")
 
 
-async def load(
-    url: str, result: LoadResult, texts: list[str], requests: int, concurrency: int, duration_s: float, per_request: int
-) -> None:
-    """Send up to `requests` requests from `concurrency` clients for up to `duration_s`; fill `result`."""
-    sent = 0
+def run_locust(url: str, phase: Phase, texts_file: Path, workdir: Path) -> Phase:
+    """Run one headless Locust phase against `url` and fill `phase` from its CSV statistics."""
+    prefix = workdir / phase.name.replace(" ", "-")
+    rate_per_user = 0.0 if phase.offered_rps is None else phase.offered_rps / phase.users
+    env = {**os.environ, "LOADTEST_RATE_PER_USER": str(rate_per_user), "LOADTEST_TEXTS": str(texts_file)}
+    spawn_rate = max(phase.users / 2, 1)  # all users within 2 s
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
+        "--users", str(phase.users), "--spawn-rate", str(spawn_rate), "--run-time", f"{phase.seconds:g}s",
+        "--stop-timeout", "30", "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
+        "--exit-code-on-error", "0",
+    ]  # fmt: skip
+    subprocess.run(command, env=env, check=True, timeout=phase.seconds + 120, capture_output=True)
+    with open(f"{prefix}_stats.csv", newline="") as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    phase.accepted, phase.refused = rows.get("accepted", {}), rows.get("refused", {})
+    with open(f"{prefix}_failures.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            phase.failures += int(row["Occurrences"])
+            phase.failure_kinds[row["Error"]] = int(row["Occurrences"])
+    return phase
 
-    async def client(http: httpx.AsyncClient, deadline: float) -> None:
-        nonlocal sent
-        while sent < requests and time.perf_counter() < deadline:
-            first = sent * per_request
-            sent += 1
-            body = {"texts": [texts[(first + i) % len(texts)] for i in range(per_request)]}
-            start = time.perf_counter()
-            try:
-                response = await http.post("/v1/classify", json=body)
-            except httpx.HTTPError:
-                result.errors += 1
+
+def refusals_within_50ms(url: str) -> tuple[float, float]:
+    """From the server's /metrics: 503 answers to /v1/classify so far, and how many took at most 50 ms."""
+    total = fast = 0.0
+    text = httpx.get(f"{url}/metrics", trust_env=False, timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("endpoint") != "/v1/classify" or labels.get("status") != "503":
                 continue
-            if response.status_code != 200:
-                result.errors += 1
-                continue
-            result.latencies.append(time.perf_counter() - start)
-            result.exit_layers.extend(answer["exit_layer"] for answer in response.json()["results"])
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=60, limits=limits) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http, start + duration_s) for _ in range(concurrency)))
-        result.seconds = time.perf_counter() - start
+            if sample.name == "badge_request_duration_seconds_count":
+                total = sample.value
+            elif sample.name == "badge_request_duration_seconds_bucket" and labels.get("le") == "0.05":
+                fast = sample.value
+    return total, fast
 
 
-def report(results: list[LoadResult], args: argparse.Namespace) -> str:
-    """The Markdown report: settings, one table row per server, and the throughput ratio."""
+class MemorySampler:
+    """Samples a process's resident memory (VmRSS, MiB) every `every_s` seconds in a background thread."""
+
+    def __init__(self, pid: int, every_s: float = 5.0) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no VmRSS for process {self.pid}")
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - start, self.rss_mib()))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def users_for(rps: float, seconds_in_flight: float) -> int:
+    """Users enough that arrivals stay near `rps` although each user waits for its answer (about open loop).
+
+    A user waits for its answer before pacing the next request, so each should send less often than
+    its slow answers take (`seconds_in_flight`), but more often than every 5 s: uvicorn closes idle
+    keep-alive connections after 5 s, and reconnecting costs both sides CPU.
+    """
+    return max(16, math.ceil(rps * min(seconds_in_flight, 4.0)))
+
+
+def measure_server(
+    name: str, code: str, options: dict, args: argparse.Namespace, texts_file: Path, workdir: Path, soak: bool
+) -> tuple[dict, list[Phase], list[tuple[float, float]], list[str]]:
+    """Start one server, run its phases, stop it; return /readyz at start, phases, memory samples, load averages."""
+    port = free_port()
+    log = workdir / f"{name}.log"
+    process = start_server(code, {**options, "host": HOST, "port": port}, log)
+    url = f"http://{HOST}:{port}"
+    phases, memory, loads = [], [], [load_average()]
+    try:
+        ready = wait_until_ready(process, url, args.startup_timeout_s, log)
+        users = max(8, min(ready["max_queue"], 64))  # closed loop never overfills the queue: pure capacity
+        run_locust(url, Phase("warm-up", None, 4, 5), texts_file, workdir)
+        capacity = run_locust(url, Phase(f"{name} capacity", None, users, args.capacity_s), texts_file, workdir)
+        phases.append(capacity)
+        rate = capacity.accepted_rps
+        print(f"{name}: capacity {rate:.1f} req/s with {users} closed-loop users", flush=True)
+        sustained = Phase(f"{name} sustained 80%", 0.8 * rate, users_for(0.8 * rate, 2.0), args.phase_s)
+        phases.append(run_locust(url, sustained, texts_file, workdir))
+        loads.append(load_average())
+        if soak:
+            overload = Phase(f"{name} overload 200%", 2 * rate, users_for(2 * rate, 3.0), args.phase_s)
+            before = refusals_within_50ms(url)
+            phases.append(run_locust(url, overload, texts_file, workdir))
+            after = refusals_within_50ms(url)
+            overload.server_refusals = (after[0] - before[0], after[1] - before[1])
+            loads.append(load_average())
+            with MemorySampler(process.pid) as sampler:
+                soaking = Phase(f"{name} soak 80%", 0.8 * rate, users_for(0.8 * rate, 2.0), args.soak_s)
+                phases.append(run_locust(url, soaking, texts_file, workdir))
+            memory = sampler.samples
+            loads.append(load_average())
+    finally:
+        stop_server(process)
+    return ready, phases, memory, loads
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def phase_row(phase: Phase) -> str:
+    offered = "closed loop" if phase.offered_rps is None else fmt(phase.offered_rps)
+    return (
+        f"| {phase.name} | {offered} | {phase.users} | {phase.seconds:g} | {phase.accepted_count} "
+        f"| {fmt(phase.accepted_rps)} | {fmt(phase.percentile('accepted', '50%'), 0)} "
+        f"| {fmt(phase.percentile('accepted', '99%'), 0)} | {phase.refused_count} "
+        f"| {fmt(phase.percentile('refused', '50%'), 0)} | {fmt(phase.percentile('refused', '99%'), 0)} "
+        f"| {phase.failures} |"
+    )
+
+
+def verdict(ok: bool) -> str:
+    return "**pass**" if ok else "**FAIL**"
+
+
+def report(
+    args: argparse.Namespace,
+    single: tuple[dict, list[Phase], list[tuple[float, float]], list[str]],
+    ray_runs: list[tuple[int, tuple]],
+) -> str:
+    ready, phases, memory, loads = single
+    by_name = {phase.name.split(" ", 1)[1]: phase for phase in phases}
+    sustained, overload = by_name["sustained 80%"], by_name["overload 200%"]
+    header = (
+        "| phase | offered req/s | users | s | accepted | accepted req/s | p50 ms | p99 ms "
+        "| refused (503) | 503 p50 ms | 503 p99 ms | other errors |"
+    )
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     lines = [
-        "# HTTP load test: early exits against all layers",
+        "# HTTP load test: admission control and Ray Serve replicas",
         "",
-        f"Model `{args.model_dir}`; {args.requests} requests at most ({args.duration_s:g} s at most) per server, "
-        f"{args.concurrency} concurrent clients, {args.texts_per_request} text(s) per request; server "
-        f"max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms:g}; {os.cpu_count()} CPUs, "
-        f"{platform.processor() or platform.machine()}, Python {platform.python_version()}. Loopback only.",
+        f"Model `{args.model_dir}`; one text per request from {len(REVIEWS)} built-in reviews; server "
+        f"max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms:g}, latency target "
+        f"{args.latency_target_ms:g} ms (derived max_queue {ready['max_queue']} texts), torch threads "
+        f"{args.threads or 'default'}; load from Locust {version('locust')} (FastHttpUser, one process) on the "
+        f"same machine, loopback only. {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}.",
+        *(["", f"Model note: {args.note}"] if args.note else []),
         "",
-        "| server | exit policy | requests | errors | req/s | texts/s | p50 ms | p99 ms | mean exit layer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"**Noisy numbers**: the machine is shared (other jobs ran during the test; load averages 1/5/15 min "
+        f"during the single-process phases: {'; '.join(loads)}), and Locust competes with the server for "
+        "the same cores. Compare rows of this table with each other, not with other machines.",
+        "",
+        "## Single-process server (`badge serve`)",
+        "",
+        header,
+        rule,
+        *[phase_row(phase) for phase in phases],
+        "",
     ]
-    for result in results:
-        mean_layer = sum(result.exit_layers) / len(result.exit_layers) if result.exit_layers else math.nan
+    refused_p99 = overload.percentile("refused", "99%")
+    accepted_p99, sustained_p99 = overload.percentile("accepted", "99%"), sustained.percentile("accepted", "99%")
+    sustained_errors = sustained.failures + sustained.refused_count
+    server_total, server_fast = overload.server_refusals or (math.nan, math.nan)
+    lines += [
+        f"- Sustained load at 80 % of capacity: {sustained_errors} errors (503 or other) in "
+        f"{sustained.accepted_count} requests: {verdict(sustained_errors == 0)}.",
+        f"- 2x overload, excess refused fast: 503 p99 {fmt(refused_p99, 0)} ms < 50 ms: "
+        f"{verdict(overload.refused_count > 0 and refused_p99 < 50)} ({overload.refused_count} refused; "
+        f"by the server's own clock {server_fast:.0f} of {server_total:.0f} 503s took at most 50 ms, the rest "
+        "of Locust's time is the client and the CPUs they share).",
+        f"- 2x overload, accepted requests: p99 {fmt(accepted_p99, 0)} ms < 2 x sustained p99 "
+        f"({fmt(2 * sustained_p99, 0)} ms): {verdict(accepted_p99 < 2 * sustained_p99)}; other errors "
+        f"{overload.failures}{' ' + json.dumps(overload.failure_kinds) if overload.failure_kinds else ''}.",
+    ]
+    if memory:
+        minute = [rss for t, rss in memory if t <= 60]
+        last = [rss for t, rss in memory if t >= memory[-1][0] - 60]
+        first, final = statistics.mean(minute), statistics.mean(last)
         lines.append(
-            f"| {result.server} | `{result.policy}` | {len(result.latencies)} | {result.errors} "
-            f"| {result.requests_per_s:.1f} | {result.texts_per_s:.1f} "
-            f"| {1000 * percentile(result.latencies, 0.5):.1f} | {1000 * percentile(result.latencies, 0.99):.1f} "
-            f"| {mean_layer:.2f} |"
+            f"- Memory over the {args.soak_s:g} s soak (server RSS sampled every 5 s, {len(memory)} samples): "
+            f"first minute {first:.0f} MiB, last minute {final:.0f} MiB, max {max(rss for _, rss in memory):.0f} "
+            f"MiB; growth {final - first:+.1f} MiB ({100 * (final - first) / first:+.1f} %): "
+            f"{verdict(abs(final - first) < 0.05 * first)} (flat = within 5 %). RSS at each minute (MiB): "
+            + ", ".join(f"{rss:.0f}" for t, rss in memory if round(t) % 60 < 5)
+            + "."
         )
-    early, full = results
-    ratio = early.requests_per_s / full.requests_per_s if full.requests_per_s else math.nan
-    lines += ["", f"Throughput early-exit / all-layers: **{ratio:.2f}x**", ""]
+    if ray_runs:
+        lines += [
+            "",
+            "## Ray Serve (`badge serve --ray --replicas N`), same machine",
+            "",
+            f"Ray's HTTP proxy in front; each replica has {args.threads} torch thread(s) (and reserves as many "
+            "CPUs), its own micro-batcher and derived queue bound. Same Locust phases as above.",
+            "",
+            header,
+            rule,
+        ]
+        for _, (_, ray_phases, _, _) in ray_runs:
+            lines += [phase_row(phase) for phase in ray_phases]
+        lines.append("")
+        for replicas, (ready_ray, _, _, ray_loads) in ray_runs:
+            lines.append(
+                f"- {replicas} replica(s): max_queue per replica {ready_ray['max_queue']}; load averages "
+                f"{'; '.join(ray_loads)}."
+            )
+    lines += [
+        "",
+        "Command: `python benchmarks/loadtest.py "
+        + " ".join(sys.argv[1:])
+        + "` (percentiles from Locust's statistics, which round latencies above 100 ms to 10 ms).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--requests", type=int, default=200, help="most requests sent to each server")
-    parser.add_argument("--concurrency", type=int, default=8, help="clients sending at once")
-    parser.add_argument("--duration-s", type=float, default=60.0, help="most seconds of load per server")
-    parser.add_argument("--texts-per-request", type=int, default=1)
-    parser.add_argument("--texts-file", type=Path, default=None, help="one text per line (default: built-in reviews)")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed requests sent to each server first")
+    parser.add_argument("--capacity-s", type=float, default=20.0, help="seconds of the closed-loop capacity phase")
+    parser.add_argument("--phase-s", type=float, default=60.0, help="seconds of the sustained and overload phases")
+    parser.add_argument("--soak-s", type=float, default=300.0, help="seconds of the memory soak")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--startup-timeout-s", type=float, default=120.0)
+    parser.add_argument("--latency-target-ms", type=float, default=500.0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the single-process server and of each Ray replica"
+    )
+    parser.add_argument("--ray-replicas", type=int, nargs="*", default=[1, 2], help="Ray Serve runs (none: skip)")
+    parser.add_argument("--startup-timeout-s", type=float, default=180.0)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/LOADTEST.md"))
+    parser.add_argument("--note", default="", help="a line about the model or the run, printed in the report")
     args = parser.parse_args()
-    if min(args.requests, args.concurrency, args.texts_per_request) < 1 or args.duration_s <= 0:
-        parser.error("--requests, --concurrency, --texts-per-request and --duration-s must be positive")
-    if args.texts_file is not None:
-        texts = [line.strip() for line in args.texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            parser.error(f"{args.texts_file} holds no text")
-    else:
-        texts = REVIEWS
-
-    servers = {"early exit": None, "all layers": {"rule": "full"}}
-    processes, results = [], []
-    try:
-        urls = {}
-        for name, forced in servers.items():  # both load their model at the same time
-            port = free_port()
-            processes.append(start_server(args.model_dir, port, forced, args.max_batch_size, args.max_wait_ms))
-            urls[name] = f"http://{HOST}:{port}"
-        # Both must be up before timing starts: a server still loading would steal CPU from the other.
-        infos = [
-            wait_until_ready(process, url, args.startup_timeout_s)
-            for url, process in zip(urls.values(), processes, strict=True)
-        ]
-        for (name, url), info in zip(urls.items(), infos, strict=True):
-            warmup = LoadResult(name, info["default_policy"])
-            asyncio.run(load(url, warmup, texts, args.warmup, 1, args.duration_s, args.texts_per_request))
-            result = LoadResult(name, info["default_policy"])
-            asyncio.run(
-                load(url, result, texts, args.requests, args.concurrency, args.duration_s, args.texts_per_request)
+    if min(args.capacity_s, args.phase_s, args.soak_s, args.max_batch_size) <= 0:
+        parser.error("--capacity-s, --phase-s, --soak-s and --max-batch-size must be positive")
+    if not (args.model_dir / "config.json").is_file():
+        parser.error(f"{args.model_dir} is not a saved model folder (no config.json)")
+    options = {
+        "model_dir": str(args.model_dir),
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "latency_target_ms": args.latency_target_ms,
+    }
+    with tempfile.TemporaryDirectory(prefix="badge-loadtest-") as folder:
+        workdir = Path(folder)
+        texts_file = workdir / "texts.txt"
+        texts_file.write_text("\n".join(REVIEWS) + "\n", encoding="utf-8")
+        single_options = {**options, "log_level": "warning", "threads": args.threads}
+        single = measure_server("single", SERVER_CODE, single_options, args, texts_file, workdir, soak=True)
+        ray_runs = []
+        for replicas in args.ray_replicas:
+            ray_options = {**options, "replicas": replicas, "threads": args.threads}
+            name = f"ray-{replicas}"
+            ray_runs.append(
+                (replicas, measure_server(name, RAY_SERVER_CODE, ray_options, args, texts_file, workdir, soak=False))
             )
-            results.append(result)
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    text = report(results, args)
+    text = report(args, single, ray_runs)
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

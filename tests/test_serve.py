@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -19,8 +20,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
+from badge.engine import EngineOutput
 from badge.rules import PolicyError
-from badge.serve import create_app
+from badge.serve import BatcherStopped, DeadlineExceeded, MicroBatcher, create_app, derive_max_queue
 
 LABELS = ["negative", "positive"]
 TEXTS = [
@@ -64,8 +66,8 @@ def served_model(model_dir: Path) -> MultiExitModel:
 
 
 @contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Run `app` under uvicorn in a background thread on a free loopback port; yield its base URL."""
+def serving_with_handle(app: FastAPI) -> Iterator[tuple[str, uvicorn.Server]]:
+    """Run `app` under uvicorn in a background thread on a free loopback port; yield its URL and server."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -77,11 +79,18 @@ def serving(app: FastAPI) -> Iterator[str]:
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Run `app` under uvicorn in a background thread on a free loopback port; yield its base URL."""
+    with serving_with_handle(app) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +275,7 @@ def test_healthz_answers_while_the_model_works(
             return health, classify.done(), time.perf_counter() - start, await classify
 
     health, classified_already, seconds, classified = asyncio.run(scenario())
-    assert health.json() == {"status": "ok"}
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert not classified_already and seconds < 0.5
     assert classified.status_code == 200
 
@@ -337,3 +346,195 @@ def test_allowed_rules_limit_what_a_request_may_choose(served_model: MultiExitMo
     assert allowed.json()["results"][0]["exit_layer"] == 2
     with pytest.raises(PolicyError, match="oracle"):
         create_app(served_model, allowed_rules=["oracle"])
+
+
+# ----- admission control, deadlines, readiness, shutdown -------------------------------------
+def test_a_full_queue_answers_503_with_retry_after_at_once(
+    served_model: MultiExitModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serving(create_app(served_model, max_batch_size=1, max_queue=2, max_wait_ms=0)) as url:
+        slow_down(served_model, monkeypatch, 0.6)
+
+        async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response, float, httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
+                running = asyncio.create_task(http.post("/v1/classify", json={"texts": "good"}))
+                await asyncio.sleep(0.3)  # the first text is inside the model
+                waiting = [asyncio.create_task(http.post("/v1/classify", json={"texts": "fine"}))]
+                await asyncio.sleep(0.1)  # one text waits: two more do not fit, one does
+                too_big = await http.post("/v1/classify", json={"texts": ["dull", "bad"]})
+                waiting.append(asyncio.create_task(http.post("/v1/classify", json={"texts": "fun"})))
+                await asyncio.sleep(0.1)  # now the queue is full
+                start = time.perf_counter()
+                refused = await http.post("/v1/classify", json={"texts": "one too many"})
+                seconds = time.perf_counter() - start
+                ready = await http.get("/readyz")
+                return [await running, *await asyncio.gather(*waiting)], too_big, refused, seconds, ready
+
+        accepted, too_big, refused, seconds, ready = asyncio.run(scenario())
+        with httpx.Client(base_url=url, trust_env=False) as http:
+            overloaded = metric(http, "badge_errors_total", kind="overloaded")
+            ready_after = http.get("/readyz")
+    assert [response.status_code for response in accepted] == [200, 200, 200]
+    assert too_big.status_code == 503 and "1 texts already wait" in too_big.json()["detail"]
+    assert refused.status_code == 503
+    assert int(refused.headers["retry-after"]) >= 1
+    assert "2 texts already wait for the model; the queue holds 2" in refused.json()["detail"]
+    assert seconds < 0.25, "a refusal must not wait for the model"
+    assert ready.status_code == 503 and "the queue is full (2 of 2 texts)" in ready.json()["reasons"]
+    assert overloaded == 2
+    assert ready_after.status_code == 200 and ready_after.json()["status"] == "ready"
+
+
+def test_a_job_whose_deadline_passed_is_dropped_before_the_model_and_not_batched() -> None:
+    calls: list[list[str]] = []
+    dropped: list[int] = []
+
+    def classify(policy: ExitPolicy, texts: list[str], text_pairs: list[str] | None) -> EngineOutput:
+        calls.append(list(texts))
+        time.sleep(0.3)
+        n = len(texts)
+        return EngineOutput(
+            labels=[0] * n, probs=torch.ones(n, 2) / 2, exit_layers=torch.ones(n), logits=torch.zeros(n, 2)
+        )
+
+    async def scenario() -> list:
+        batcher = MicroBatcher(classify, max_batch_size=8, max_wait_ms=0, on_drop=dropped.append)
+        batcher.start()
+        now = asyncio.get_running_loop().time()
+        first = asyncio.create_task(batcher.submit(["first"], None, ExitPolicy("full")))
+        await asyncio.sleep(0.05)  # `first` runs alone; the next two wait for it
+        late = asyncio.create_task(batcher.submit(["late"], None, ExitPolicy("full"), deadline=now + 0.15))
+        on_time = asyncio.create_task(batcher.submit(["on time"], None, ExitPolicy("full"), deadline=now + 30))
+        results = await asyncio.gather(first, late, on_time, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    first, late, on_time = asyncio.run(scenario())
+    assert isinstance(late, DeadlineExceeded)
+    assert isinstance(first, EngineOutput) and isinstance(on_time, EngineOutput)
+    assert calls == [["first"], ["on time"]], "the late text must never reach the model nor fill a batch place"
+    assert dropped == [1]
+
+
+def test_a_request_that_timed_out_while_queued_never_reaches_the_model(
+    served_model: MultiExitModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serving(create_app(served_model, max_batch_size=1, max_queue=8, max_wait_ms=0, request_timeout_s=0.5)) as url:
+        slow_down(served_model, monkeypatch, 0.4)
+        with httpx.Client(base_url=url, trust_env=False) as http:
+            texts_before = metric(http, "badge_batch_size_sum")
+            responses = post_concurrently(url, [{"texts": text} for text in TEXTS[:4]])
+            time.sleep(0.5)  # let the batcher reach (and drop) what is left in the queue
+            texts_run = metric(http, "badge_batch_size_sum") - texts_before
+            dropped = metric(http, "badge_dropped_texts_total")
+    statuses = [response.status_code for response in responses]
+    assert 504 in statuses
+    assert texts_run + dropped == 4
+    assert texts_run <= 2, f"only the texts the model could start in time may run, not {texts_run}"
+
+
+def test_readiness_and_liveness_turn_false_when_the_batching_loop_dies(served_model: MultiExitModel) -> None:
+    app = create_app(served_model)
+    with serving(app) as url, httpx.Client(base_url=url, trust_env=False, timeout=30) as http:
+        assert http.get("/readyz").json() == {"status": "ready", "reasons": [], "queued_texts": 0, "max_queue": ANY}
+        assert http.post("/v1/classify", json={"texts": "good"}).status_code == 200
+
+        def crash(texts: int) -> None:
+            raise RuntimeError("simulated bug in the batching loop")
+
+        app.state.batcher.on_engine_call = crash
+        start = time.perf_counter()
+        failed = http.post("/v1/classify", json={"texts": "good"})
+        seconds = time.perf_counter() - start
+        ready, health = http.get("/readyz"), http.get("/healthz")
+        after = http.post("/v1/classify", json={"texts": "good"})
+    assert failed.status_code == 503 and "simulated bug" in failed.json()["detail"]
+    assert seconds < 5, "a dead loop must fail waiting requests at once, not at their timeout"
+    assert ready.status_code == 503 and "the batching loop is not running" in ready.json()["reasons"]
+    assert health.status_code == 503 and health.json()["status"] == "dead"
+    assert after.status_code == 503
+
+
+def test_shutdown_finishes_the_accepted_requests_then_refuses_connections(
+    served_model: MultiExitModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serving_with_handle(create_app(served_model, max_batch_size=1, max_queue=8, max_wait_ms=0)) as (url, server):
+        slow_down(served_model, monkeypatch, 0.3)
+
+        async def scenario() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http:
+                accepted = [asyncio.create_task(http.post("/v1/classify", json={"texts": t})) for t in TEXTS[:3]]
+                await asyncio.sleep(0.15)  # one runs, two wait in the queue
+                server.should_exit = True  # what SIGTERM does
+                return await asyncio.gather(*accepted)
+
+        responses = asyncio.run(scenario())
+        time.sleep(0.2)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", trust_env=False, timeout=5)
+    assert [response.status_code for response in responses] == [200, 200, 200], [r.text for r in responses]
+    assert all(len(response.json()["results"]) == 1 for response in responses)
+
+
+def test_stopping_the_batcher_finishes_the_jobs_it_accepted() -> None:
+    def classify(policy: ExitPolicy, texts: list[str], text_pairs: list[str] | None) -> EngineOutput:
+        time.sleep(0.1)
+        n = len(texts)
+        return EngineOutput(
+            labels=[1] * n, probs=torch.ones(n, 2) / 2, exit_layers=torch.ones(n), logits=torch.zeros(n, 2)
+        )
+
+    async def scenario() -> tuple[list, Exception]:
+        batcher = MicroBatcher(classify, max_batch_size=1, max_wait_ms=0)
+        batcher.start()
+        jobs = [asyncio.create_task(batcher.submit([text], None, ExitPolicy("full"))) for text in TEXTS[:3]]
+        await asyncio.sleep(0.01)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.01)
+        try:
+            await batcher.submit(["too late"], None, ExitPolicy("full"))
+        except BatcherStopped as error:
+            refused = error
+        await stopping
+        return await asyncio.gather(*jobs, return_exceptions=True), refused
+
+    results, refused = asyncio.run(scenario())
+    assert [output.labels for output in results] == [[1], [1], [1]]
+    assert "shutting down" in str(refused)
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_a_408_and_the_connection_closes(
+    served_model: MultiExitModel,
+) -> None:
+    with serving(create_app(served_model, body_timeout_s=0.3)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as connection:
+            start = time.perf_counter()
+            connection.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                b'content-length: 100\r\n\r\n{"texts": '
+            )
+            answer = b""
+            while chunk := connection.recv(4096):  # ends when the server closes the connection
+                answer += chunk
+            seconds = time.perf_counter() - start
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"did not arrive within 0.3 s" in answer
+    assert seconds < 3
+
+
+@pytest.mark.parametrize(
+    "batch_seconds, expected",
+    [(0.05, 32 * 8), (0.1, 32 * 3), (0.2, 32 * 2), (2.0, 32 * 2)],
+    ids=lambda value: str(value),
+)
+def test_the_default_queue_holds_what_the_latency_target_allows(batch_seconds: float, expected: int) -> None:
+    assert derive_max_queue(32, batch_seconds, latency_target_ms=500) == expected
+
+
+def test_the_derived_queue_bound_is_reported(model_dir: Path) -> None:
+    with TestClient(create_app(model_dir, max_batch_size=4, latency_target_ms=10_000)) as http:
+        info = http.get("/v1/model").json()
+        ready = http.get("/readyz").json()
+    assert info["max_queue"] == ready["max_queue"]
+    assert info["max_queue"] % 4 == 0 and info["max_queue"] > 4

@@ -710,10 +710,16 @@ PatienceOption = Annotated[int | None, typer.Option(help="patience of --rule")]
 DivergenceOption = Annotated[str | None, typer.Option(help="divergence of --rule dge: jsd, kl, rkl, skl, xjsd")]
 
 
+RayAddressOption = Annotated[
+    str | None, typer.Option(help="Ray cluster to join with --ray (default: $RAY_ADDRESS, a local `ray start`, or new)")
+]
+ThreadsOption = Annotated[int | None, typer.Option(help="torch threads (per replica / worker with --ray)")]
+
+
 @app.command("predict")
 def predict_command(
     model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
-    source: Annotated[Path, typer.Argument(help="input .csv, .tsv or .jsonl with a text column")],
+    source: Annotated[Path, typer.Argument(help="input .csv, .tsv or .jsonl with a text column (a folder with --ray)")],
     target: Annotated[Path, typer.Argument(help="output .csv or .jsonl: row, label, probability, exit layer")],
     text_column: TextColumn = "text",
     text_pair_column: PairColumn = None,
@@ -727,17 +733,58 @@ def predict_command(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from TARGET.partial")] = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
+    threads: ThreadsOption = None,
+    ray: Annotated[bool, typer.Option("--ray", help="spread the work over a Ray cluster with Ray Data")] = False,
+    workers: Annotated[int, typer.Option(help="engine copies with --ray")] = 2,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Stream a large file through the early-exit engine in batches; memory stays constant."""
+    policy = _policy_override(rule, tau, patience, divergence)
+    if ray:
+        from badge.distributed import import_ray, predict_on_ray
+
+        if policy is not None:
+            _refuse_label_rules(policy)
+
+        try:
+            import_ray()
+            summaries = predict_on_ray(
+                model_dir,
+                source,
+                target,
+                engine=engine_name,
+                policy=policy,
+                text_column=text_column,
+                text_pair_column=text_pair_column,
+                batch_size=batch_size,
+                chunk_size=batch_size * 8,
+                max_length=max_length,
+                workers=workers,
+                threads=threads or 1,
+                address=ray_address,
+            )
+        except (RuntimeError, ValueError, FileNotFoundError, DataError) as error:
+            raise _fail(str(error)) from error
+        rows, errors = sum(s.rows for s in summaries), sum(s.errors for s in summaries)
+        console.print(
+            f"wrote {rows} rows of {len(summaries)} file(s) to {target} on Ray with {workers} workers"
+            + (f"; [yellow]{errors} rows had no text[/] (see their error column)" if errors else "")
+        )
+        return
     from badge.predict import check_output, partial_path, predict_file
 
     if not source.is_file():
-        raise _fail(f"input file {source} does not exist")
+        raise _fail(f"input file {source} does not exist" + (" (a folder needs --ray)" if source.is_dir() else ""))
     try:
         check_output(source, target)
     except DataError as error:
         raise _fail(str(error)) from error
-    policy = _policy_override(rule, tau, patience, divergence)
+    if threads is not None:
+        if threads < 1:
+            raise _fail(f"--threads {threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     engine = _load_engine(model_dir, engine_name, policy, batch_size, device, dtype)
     _refuse_label_rules(engine.policy)
     model = engine.model
@@ -772,9 +819,17 @@ def serve_command(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     max_batch_size: Annotated[int, typer.Option(help="texts gathered into one engine batch")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="how long to wait for more requests to batch")] = 5.0,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(help="most texts waiting for the model; more get 503 + Retry-After (default: from the target)"),
+    ] = None,
+    latency_target_ms: Annotated[
+        float, typer.Option(help="latency an accepted request should stay under; sets the default --max-queue")
+    ] = 500.0,
     max_texts: Annotated[int, typer.Option(help="most texts in one request")] = 64,
     max_chars: Annotated[int, typer.Option(help="most characters in one text")] = 2000,
     max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 1_000_000,
+    body_timeout_s: Annotated[float, typer.Option(help="a request body not arrived after this gets a 408")] = 10.0,
     request_timeout_s: Annotated[float, typer.Option(help="a request still waiting after this gets a 504")] = 30.0,
     max_length: MaxLengthOption = None,
     rule: RuleOption = None,
@@ -784,28 +839,55 @@ def serve_command(
     engine_name: EngineOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
+    threads: ThreadsOption = None,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="serve with Ray Serve: --replicas copies behind one address")
+    ] = False,
+    replicas: Annotated[int, typer.Option(help="model copies with --ray")] = 1,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Serve the model over HTTP with dynamic batching and early exits (POST /v1/classify)."""
     _require("serve", "badge serve")
     from badge.serve import run_server
 
-    model = _load_engine(model_dir, engine_name, None, max_batch_size, device, dtype).model
-    max_length = _max_length(model, max_length)
+    if threads is not None and threads < 1:
+        raise _fail(f"--threads {threads} must be >= 1")
+    if max_queue is not None and max_queue < 1:
+        raise _fail(f"--max-queue {max_queue} must be >= 1 (or leave it out to derive it from the latency target)")
+    options = {
+        "max_batch_size": max_batch_size,
+        "max_wait_ms": max_wait_ms,
+        "max_queue": max_queue,
+        "latency_target_ms": latency_target_ms,
+        "max_texts": max_texts,
+        "max_chars": max_chars,
+        "max_body_bytes": max_body_bytes,
+        "body_timeout_s": body_timeout_s,
+        "request_timeout_s": request_timeout_s,
+        "max_length": max_length,
+    }
     policy = _policy_override(rule, tau, patience, divergence)
+    if ray:
+        from badge.distributed import import_ray, serve_on_ray
+
+        if engine_name != "torch" or policy is not None:
+            raise _fail(
+                "--ray serves the folder as saved (an ONNX export runs on ONNX Runtime) with its stored policy: "
+                "leave out --engine and --rule (`badge calibrate` stores a policy)"
+            )
+        try:
+            import_ray()
+            serve_on_ray(
+                model_dir, replicas=replicas, host=host, port=port, threads=threads or 1, address=ray_address, **options
+            )
+        except (RuntimeError, ValueError, FileNotFoundError) as error:
+            raise _fail(str(error)) from error
+        return
+    model = _load_engine(model_dir, engine_name, None, max_batch_size, device, dtype).model
+    options["max_length"] = _max_length(model, max_length)
     if policy is not None:
         model.config.exit_policy = policy.to_dict()  # the default for requests that name no policy
-    run_server(
-        model,
-        host=host,
-        port=port,
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        max_texts=max_texts,
-        max_chars=max_chars,
-        max_body_bytes=max_body_bytes,
-        request_timeout_s=request_timeout_s,
-        max_length=max_length,
-    )
+    run_server(model, host=host, port=port, threads=threads, **options)
 
 
 def quickstart_encoder() -> Path:

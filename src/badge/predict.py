@@ -14,7 +14,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,117 @@ def _resume_point(partial: Path, as_csv: bool) -> _Written:
     return written
 
 
+# A chunk is rows (row number, text, text pair, error) classified in one engine call, or one row that cannot be
+# classified (its error says why). Plain tuples, so that Ray can ship chunks between processes as JSON.
+Chunk = list[tuple[int, Any, Any, str | None]]
+PREDICTABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def read_chunks(
+    source: Path,
+    *,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    batch_size: int = 256,
+    skip: int = 0,
+) -> Iterator[Chunk]:
+    """The rows of `source` after row `skip`, in order: chunks of up to `batch_size` good rows, and single rows
+    that cannot be classified (with their reason, as training would word it).
+
+    Raises `DataError` for a problem of the whole file (missing, unsupported, empty) before yielding anything.
+    """
+    rows = read_rows(source)
+    text_column, text_pair_column = text_columns(rows, text_column, text_pair_column)
+    rows_iter = iter(rows)
+    first = next(rows_iter)  # an empty file raises DataError here
+    batch: Chunk = []
+    for row in itertools.chain([first], rows_iter):
+        if row.number <= skip:  # written by the run this one resumes
+            continue
+        try:
+            if row.problem is not None:
+                raise DataError(row.problem)
+            text = row_text(row.values, row.number, rows.source, text_column)
+            pair = row_text(row.values, row.number, rows.source, text_pair_column) if text_pair_column else None
+        except DataError as error:
+            if batch:  # keep the output in input order
+                yield batch
+                batch = []
+            yield [(row.number, None, None, str(error))]
+            continue
+        batch.append((row.number, text, pair, None))
+        if len(batch) >= batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_chunk(
+    engine: EarlyExitEngine, chunk: Chunk, *, with_pairs: bool = False, max_length: int | None = None
+) -> list[dict[str, Any]]:
+    """Output records (`OUTPUT_FIELDS`) of one chunk from `read_chunks`: one engine call, or one error row."""
+    if len(chunk) == 1 and chunk[0][3] is not None:
+        return [{"row": chunk[0][0], "label": None, "probability": None, "exit_layer": None, "error": chunk[0][3]}]
+    label_names = engine.model.label_names
+    task = engine.model.config.problem_type
+    pairs = [pair for _, _, pair, _ in chunk] if with_pairs else None
+    result = engine.classify([text for _, text, _, _ in chunk], pairs, max_length=max_length)
+    records = []
+    for index, (number, _, _, _) in enumerate(chunk):
+        predicted = result.labels[index]
+        if task == "single_label_classification":
+            label, probability = label_names[predicted], float(result.probs[index, predicted])
+        elif task == "multi_label_classification":
+            label, probability = "|".join(label_names[i] for i in predicted), None
+        else:
+            label, probability = predicted, None
+        layer = int(result.exit_layers[index])
+        records.append({"row": number, "label": label, "probability": probability, "exit_layer": layer, "error": None})
+    return records
+
+
+class PredictionWriter:
+    """Writes output records to `TARGET.partial`, which takes the name `TARGET` when closed.
+
+    With `resume`, the partial output an interrupted run left is checked, cut after its last whole record and
+    appended to; `written` then counts its rows.
+    """
+
+    def __init__(self, target: Path, resume: bool = False) -> None:
+        self.target = target
+        self.partial = partial_path(target)
+        self.as_csv = target.suffix.lower() == ".csv"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.written = _resume_point(self.partial, self.as_csv) if resume else _Written()
+        self.out = self.partial.open("a" if resume else "w", encoding="utf-8", newline="")
+        self.writer = csv.DictWriter(self.out, fieldnames=OUTPUT_FIELDS) if self.as_csv else None
+        if self.writer is not None and self.out.tell() == 0:
+            self.writer.writeheader()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.written.add(record)
+        if self.writer is not None:
+            self.writer.writerow({k: ("" if v is None else v) for k, v in record.items()})
+        else:
+            self.out.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self.out.flush()  # whole chunks reach the file, so a resumed run loses little
+
+    def abort(self) -> None:
+        """Close and remove the partial output (for runs that cannot be resumed)."""
+        self.out.close()
+        self.partial.unlink(missing_ok=True)
+
+    def close(self) -> PredictionSummary:
+        """Finish the file (it appears under its real name only now) and return its counts."""
+        self.out.close()
+        self.partial.replace(self.target)
+        done = self.written.rows - self.written.errors
+        return PredictionSummary(self.written.rows, self.written.errors, self.written.layer_sum / done if done else 0.0)
+
+
 def predict_file(
     engine: EarlyExitEngine,
     source: Path,
@@ -122,86 +233,19 @@ def predict_file(
     """
     source, target = Path(source), Path(target)
     check_output(source, target)
-    rows = read_rows(source)
-    text_column, text_pair_column = text_columns(rows, text_column, text_pair_column)
-    rows_iter = iter(rows)
-    first = next(rows_iter)  # an empty file raises DataError here, before the output is opened
-    label_names = engine.model.label_names
-    task = engine.model.config.problem_type
-    as_csv = target.suffix.lower() == ".csv"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(target)
-    written = _resume_point(partial, as_csv) if resume else _Written()
-    with (
-        partial.open("a" if resume else "w", encoding="utf-8", newline="") as out,
-        tqdm(total=_count_rows(source), initial=written.rows, desc=f"predicting {source.name}", unit="row") as bar,
-    ):
-        writer = csv.DictWriter(out, fieldnames=OUTPUT_FIELDS) if as_csv else None
-        if writer is not None and out.tell() == 0:
-            writer.writeheader()
-
-        def emit(record: dict[str, Any]) -> None:
-            written.add(record)
-            if writer is not None:
-                writer.writerow({k: ("" if v is None else v) for k, v in record.items()})
-            else:
-                out.write(json.dumps(record) + "\n")
-
-        classify = _classifier(engine, task, label_names, text_pair_column is not None, max_length)
-        batch: list[tuple[int, str, str | None]] = []
-
-        def flush() -> None:
-            for record in classify(batch):
-                emit(record)
-            bar.update(len(batch))
-            batch.clear()
-            out.flush()  # whole batches reach the file, so a resumed run loses little
-
-        for row in itertools.chain([first], rows_iter):
-            if row.number <= written.rows:  # written by the run this one resumes
-                continue
-            try:
-                if row.problem is not None:
-                    raise DataError(row.problem)
-                text = row_text(row.values, row.number, rows.source, text_column)
-                pair = row_text(row.values, row.number, rows.source, text_pair_column) if text_pair_column else None
-            except DataError as error:
-                flush()  # keep the output in input order
-                emit({"row": row.number, "label": None, "probability": None, "exit_layer": None, "error": str(error)})
-                bar.update(1)
-                continue
-            batch.append((row.number, text, pair))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
-    partial.replace(target)
-    done = written.rows - written.errors
-    return PredictionSummary(written.rows, written.errors, written.layer_sum / done if done else 0.0)
-
-
-def _classifier(
-    engine: EarlyExitEngine, task: str, label_names: list[str], pairs: bool, max_length: int | None
-) -> Callable[[list[tuple[int, str, str | None]]], list[dict[str, Any]]]:
-    """A function from a batch of (row, text, pair) to the output records of those rows."""
-
-    def classify(batch: list[tuple[int, str, str | None]]) -> list[dict[str, Any]]:
-        if not batch:
-            return []
-        texts = [text for _, text, _ in batch]
-        result = engine.classify(texts, [pair for _, _, pair in batch] if pairs else None, max_length=max_length)
-        records = []
-        for index, (number, _, _) in enumerate(batch):
-            predicted = result.labels[index]
-            if task == "single_label_classification":
-                label, probability = label_names[predicted], float(result.probs[index, predicted])
-            elif task == "multi_label_classification":
-                label, probability = "|".join(label_names[i] for i in predicted), None
-            else:
-                label, probability = predicted, None
-            layer = int(result.exit_layers[index])
-            records.append(
-                {"row": number, "label": label, "probability": probability, "exit_layer": layer, "error": None}
-            )
-        return records
-
-    return classify
+    chunks = read_chunks(source, text_column=text_column, text_pair_column=text_pair_column, batch_size=batch_size)
+    first = next(chunks, None)  # problems of the whole file are raised here, before the output is opened
+    writer = PredictionWriter(target, resume)
+    skipped = writer.written.rows
+    if resume:
+        chunks = read_chunks(
+            source, text_column=text_column, text_pair_column=text_pair_column, batch_size=batch_size, skip=skipped
+        )
+        first = next(chunks, None)
+    with tqdm(total=_count_rows(source), initial=skipped, desc=f"predicting {source.name}", unit="row") as bar:
+        for chunk in itertools.chain([first] if first else [], chunks):
+            for record in predict_chunk(engine, chunk, with_pairs=text_pair_column is not None, max_length=max_length):
+                writer.write(record)
+            writer.flush()
+            bar.update(len(chunk))
+    return writer.close()
