@@ -59,8 +59,13 @@ SCHEMES = {
     "single_exit": ("single_exit", {}),
     "two_stage": ("two_stage", {}),
     "bb": ("bb", {"gamma": 0.3}),
+    "distill": ("distill", {}),
+    "bb_distill": ("bb_distill", {}),
+    "bb2": ("bb2", {}),
+    "bb2_distill": ("bb2_distill", {}),
 }
-DEFAULT_SCHEME = "bb"  # what `badge train` uses
+# The candidate for the new default: the best of the pilots (bypasses on tokens, depth damper, distillation).
+DEFAULT_SCHEME = "bb2_distill"
 DEFAULT_RULE = "entropy"  # what `badge calibrate` uses
 BASELINE_RULES = ("entropy", "maxprob", "pcee", "patience", "static")
 MAX_LENGTH = {"rotten-tomatoes": 64, "reuters-r8": 128, "tweet-sentiment": 64}
@@ -84,7 +89,8 @@ PLANS = {
         "datasets": ["rotten-tomatoes", "tweet-sentiment", "reuters-r8"],
         "seeds": [0, 1, 2],
         "schemes": [DEFAULT_SCHEME, "joint", "single_exit"],
-        "ablation": [],  # further schemes on the first dataset, after the main ones
+        # each ingredient alone, on the first dataset, after the main comparison there
+        "ablation": ["bb", "bb2", "distill", "bb_distill"],
         "train_samples": 6000,
         "epochs": 3.0,
         "mpnet": {"dataset": "rotten-tomatoes", "seeds": [0], "train_samples": 6000, "epochs": 2.0},
@@ -120,9 +126,9 @@ def plan_runs(plan: dict) -> list[Run]:
     """The plan's runs in the order they are trained: the main comparison first, dataset by dataset."""
     runs = []
     for index, dataset in enumerate(plan["datasets"]):
-        for seed in plan["seeds"]:
-            schemes = plan["schemes"] + (plan["ablation"] if index == 0 else [])
-            runs += [Run(dataset, "minilm", s, seed, plan["train_samples"], plan["epochs"]) for s in schemes]
+        for group in (plan["schemes"], plan["ablation"] if index == 0 else []):
+            for seed in plan["seeds"]:
+                runs += [Run(dataset, "minilm", s, seed, plan["train_samples"], plan["epochs"]) for s in group]
     if plan["mpnet"]:
         mpnet = plan["mpnet"]
         runs += [
@@ -181,7 +187,10 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
         "name": run.name,
         "train_seconds": round(time.perf_counter() - started, 1),
         "exit_layers": model.exit_layers,
-        "config": {key: model.config.to_dict()[key] for key in ("use_bypass", "gamma", "block_size", "loss_weights")},
+        "config": {
+            key: model.config.to_dict().get(key)
+            for key in ("use_bypass", "bypass_input", "gamma", "gamma_schedule", "block_size", "distill_weight")
+        },
         "history": history,
         "machine": machine(),
     }
