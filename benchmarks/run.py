@@ -325,6 +325,7 @@ def rules_section(runs_dir: Path, runs: list[Run], resamples: int) -> tuple[dict
         }
         sides[label] = (a, b, best)
     section = {
+        "scheme": runs[0].scheme,
         "seeds": [r.seed for r in runs],
         "full_metric": statistics.mean(c.full_metric for c in comparisons),
         "common_speedup": statistics.mean(c.targets["common"] for c in comparisons),
@@ -419,6 +420,10 @@ def build_results(plan_name: str, plan: dict, runs_dir: Path) -> dict:
                         "diff_interval": [low, high],
                     }
                 )
+        paper_runs = [r for r in done if r.dataset == dataset and r.backbone == "minilm" and r.scheme == "bb"]
+        if paper_runs and DEFAULT_SCHEME != "bb":  # the paper's DGE on the paper's bypasses, for reference
+            section, _ = rules_section(runs_dir, paper_runs, plan["resamples"])
+            results["rules"][f"MiniLM-L6 on {dataset}, bb (v1) models"] = section
     if len(sides_by_dataset) == len(plan["datasets"]):
         for label, entry in pooled(sides_by_dataset, plan["resamples"]).items():
             diff, low, high = entry["difference"]
@@ -491,7 +496,7 @@ def write_report(results: dict, out: Path) -> None:
         labels = list(next(iter(section["table"].values())))
         lines += [
             "",
-            f"## 2. Exit rules: {tag} ({DEFAULT_SCHEME} models, seeds {section['seeds']}; full model "
+            f"## 2. Exit rules: {tag} ({section['scheme']} models, seeds {section['seeds']}; full model "
             f"{section['full_metric']:.2f})",
             "",
             "Mean over seeds of the test accuracy (and test layer speedup) of each rule's setting chosen on "
