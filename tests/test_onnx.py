@@ -71,22 +71,54 @@ def test_every_exit_of_the_export_gives_the_pytorch_logits(model, exported, inpu
         torch.testing.assert_close(onnx_logits, torch_logits, atol=1e-4, rtol=1e-4, msg=f"exit {layer}")
 
 
-@pytest.mark.parametrize(
-    "policy",
-    [ExitPolicy("dge", tau=0.05), ExitPolicy("entropy", tau=0.9), ExitPolicy("patience", patience=1), None],
-    ids=str,
-)
+POLICIES = [
+    ExitPolicy("dge", tau=0.05),
+    ExitPolicy("dge", tau=0.05, patience=2, divergence="kl"),
+    ExitPolicy("entropy", tau=0.9),
+    ExitPolicy("patience", patience=1),
+    ExitPolicy("static:2"),
+    None,
+]
+
+
+@pytest.fixture(scope="module")
+def onnx_engines(exported):
+    """One engine per (policy, graph mode), built once: the one graph exports the rule when it is built."""
+    built = {}
+
+    def get(policy: ExitPolicy | None, graph: str) -> OnnxEarlyExitEngine:
+        key = (str(policy), graph)
+        if key not in built:
+            built[key] = OnnxEarlyExitEngine(exported, policy, graph=graph)
+        return built[key]
+
+    return get
+
+
+@pytest.mark.parametrize("graph", ["one", "layers"])
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
 @pytest.mark.parametrize("batch_size", [1, 16])
-def test_onnx_engine_answers_as_the_pytorch_engine(model, exported, inputs, policy, batch_size) -> None:
+def test_onnx_engine_answers_as_the_pytorch_engine(model, onnx_engines, inputs, policy, batch_size, graph) -> None:
     ids, mask = inputs
     expected_engine = EarlyExitEngine(model, policy, batch_size=batch_size)
-    onnx_engine = OnnxEarlyExitEngine(exported, policy, batch_size=batch_size)
+    onnx_engine = onnx_engines(policy, graph)
+    onnx_engine.batch_size = batch_size
+    onnx_engine.layers_run = onnx_engine.exits_run = 0
     expected = expected_engine.run(ids, mask)
     answered = onnx_engine.run(ids, mask)
     assert answered.labels == expected.labels
     assert torch.equal(answered.exit_layers, expected.exit_layers)
     torch.testing.assert_close(answered.probs, expected.probs, atol=1e-4, rtol=0)
     assert onnx_engine.layers_run == expected_engine.layers_run
+    assert onnx_engine.exits_run == expected_engine.exits_run
+
+
+def test_graph_mode_is_checked_and_oracle_runs_layer_by_layer(exported) -> None:
+    with pytest.raises(ValueError, match="graph 'single' is not one of"):
+        OnnxEarlyExitEngine(exported, graph="single")
+    assert OnnxEarlyExitEngine(exported, ExitPolicy("oracle")).graph == "layers"  # the rule reads labels
+    with pytest.raises(ValueError, match="needs labels"):
+        OnnxEarlyExitEngine(exported, ExitPolicy("oracle"), graph="one")
 
 
 def test_export_folder_describes_itself_and_classifies_text(model, exported) -> None:
@@ -134,6 +166,20 @@ def test_pruned_int8_export_keeps_the_exit_policy_and_stays_close(inputs, tmp_pa
     expected = EarlyExitEngine(model).run(ids, mask)
     assert (torch.tensor(answered.labels) == torch.tensor(expected.labels)).float().mean() >= 0.9
     assert (answered.probs - expected.probs).abs().max() < 0.05
+
+
+def test_int8_one_graph_answers_as_the_int8_layers_and_close_to_float(model, inputs, tmp_path) -> None:
+    folder = export_onnx(model, tmp_path / "int8", quantize="int8")
+    ids, mask = inputs
+    # Activations are quantised per call, over the whole batch: row by row, both ways see the same tensors.
+    answered = OnnxEarlyExitEngine(folder, batch_size=1, graph="one").run(ids, mask)
+    expected = OnnxEarlyExitEngine(folder, batch_size=1, graph="layers").run(ids, mask)
+    assert answered.labels == expected.labels
+    assert torch.equal(answered.exit_layers, expected.exit_layers)
+    torch.testing.assert_close(answered.probs, expected.probs, atol=1e-4, rtol=0)
+    float_answer = EarlyExitEngine(model).run(ids, mask)
+    assert (torch.tensor(answered.labels) == torch.tensor(float_answer.labels)).float().mean() >= 0.9
+    assert (answered.probs - float_answer.probs).abs().max() < 0.05
 
 
 def test_quantize_torch_makes_an_int8_copy_that_early_exits(model, inputs) -> None:

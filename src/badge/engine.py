@@ -52,6 +52,12 @@ def trim_padding(attention_mask: torch.Tensor) -> int:
     return int(attention_mask.sum(dim=1).max().item())
 
 
+def check_right_padded(attention_mask: torch.Tensor) -> None:
+    """Raise ValueError unless every row of the (B, T) mask has its real tokens first."""
+    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be right-padded (real tokens first); tokenise with padding_side='right'")
+
+
 @dataclass
 class _Rows:
     """Rows in flight between two layers: hidden states, mask, input row ids and the rule's per-row state.
@@ -165,10 +171,7 @@ class EarlyExitEngine:
         """
         if self.policy.needs_labels and labels is None:
             raise ValueError(f"policy {self.policy} needs labels")
-        if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            raise ValueError(
-                "attention_mask must be right-padded (real tokens first); tokenise with padding_side='right'"
-            )
+        check_right_padded(attention_mask)
         backend = self.model
         n = input_ids.shape[0]
         order = torch.argsort(attention_mask.sum(dim=1), stable=True) if self.sort_by_length else torch.arange(n)

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from badge.engine import EarlyExitEngine
+from badge.engine import EarlyExitEngine, EngineOutput, check_right_padded, predictions_from_logits
 from badge.modeling import AttentionInputs, MultiExitModel, replace_directory
+from badge.onnx_graph import EarlyExitGraph
 from badge.quantize import check_mode, quantize_onnx
 from badge.rules import ExitPolicy
 
@@ -41,6 +42,7 @@ FORMAT = "badge-onnx"  # the `format` key of a manifest
 OPSET = 18
 FAMILIES_WITHOUT_TOKEN_TYPES = ("distilbert", "mpnet")
 ENGINES = ("auto", "torch", "onnx")
+GRAPH_MODES = ("auto", "one", "layers")
 _EXPORTER_REGISTRY_LOG = logging.getLogger("torch.onnx._internal.exporter._registration")
 
 
@@ -233,10 +235,12 @@ class OnnxMultiExitModel:
     Args:
         export_dir: a folder written by `export_onnx`.
         num_threads: ONNX Runtime intra-op threads per session (None = ONNX Runtime's default).
+        pieces: open a session per piece (False: only the manifest and the tokenizer, for `EarlyExitGraph`).
     """
 
-    def __init__(self, export_dir: str | Path, num_threads: int | None = None) -> None:
+    def __init__(self, export_dir: str | Path, num_threads: int | None = None, pieces: bool = True) -> None:
         folder = Path(export_dir)
+        self.folder = folder
         self.config = Manifest.read(folder)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -251,11 +255,12 @@ class OnnxMultiExitModel:
         def session(name: str) -> ort.InferenceSession:
             return ort.InferenceSession(folder / name, options, providers=["CPUExecutionProvider"])
 
-        self.embeddings = session(files["embeddings"])
-        self.layers = [session(name) for name in files["layers"]]
-        self.exits = {int(layer): session(name) for layer, name in files["exits"].items()}
-        self.embedding_inputs = {node.name for node in self.embeddings.get_inputs()}
-        self.exit_inputs = {layer: {node.name for node in s.get_inputs()} for layer, s in self.exits.items()}
+        if pieces:  # not needed (nor their thread pools) where `EarlyExitGraph` runs the export
+            self.embeddings = session(files["embeddings"])
+            self.layers = [session(name) for name in files["layers"]]
+            self.exits = {int(layer): session(name) for layer, name in files["exits"].items()}
+            self.embedding_inputs = {node.name for node in self.embeddings.get_inputs()}
+            self.exit_inputs = {layer: {node.name for node in s.get_inputs()} for layer, s in self.exits.items()}
         self.tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
 
     @property
@@ -310,12 +315,18 @@ def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> Any:
 class OnnxEarlyExitEngine(EarlyExitEngine):
     """`EarlyExitEngine` on ONNX Runtime: per-sample exits, rows dropped and padding trimmed as they leave.
 
+    Two ways to run an export, with the same answers:
+    `one`: one graph with the exit rule inside (`badge.onnx_graph`), one session call per batch;
+    `layers`: a session call per layer and per exit, survivors pooled across batches as in
+    `EarlyExitEngine`. `auto` picks `one` unless the policy needs labels (`oracle`).
+
     Args:
         export_dir: a folder written by `export_onnx`.
         policy: the exit policy; default the one stored in the manifest.
         batch_size: rows per batch.
         num_threads: ONNX Runtime intra-op threads per session (None = ONNX Runtime's default).
         sort_by_length: batch samples of similar length together (results are unchanged).
+        graph: `auto`, `one` or `layers`.
     """
 
     def __init__(
@@ -325,8 +336,60 @@ class OnnxEarlyExitEngine(EarlyExitEngine):
         batch_size: int = 32,
         num_threads: int | None = None,
         sort_by_length: bool = True,
+        graph: str = "auto",
     ) -> None:
-        super().__init__(OnnxMultiExitModel(export_dir, num_threads), policy, batch_size, sort_by_length=sort_by_length)
+        if graph not in GRAPH_MODES:
+            raise ValueError(f"graph {graph!r} is not one of {list(GRAPH_MODES)}")
+        manifest = Manifest.read(Path(export_dir))
+        chosen = policy if policy is not None else ExitPolicy.from_dict(manifest.exit_policy)
+        if graph == "auto":
+            graph = "layers" if chosen.needs_labels else "one"
+        self.graph = graph
+        model = OnnxMultiExitModel(export_dir, num_threads, pieces=graph == "layers")
+        super().__init__(model, chosen, batch_size, sort_by_length=sort_by_length)
+        self.early_exit_graph = None
+        if graph == "one":
+            config = model.config
+            self.early_exit_graph = EarlyExitGraph(
+                model.folder,
+                config.files,
+                config.task,
+                config.exit_layers,
+                config.num_labels,
+                config.opset,
+                chosen,
+                num_threads,
+            )
+
+    @torch.inference_mode()
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> EngineOutput:
+        """As `EarlyExitEngine.run`; with `graph='one'`, each batch of `batch_size` rows is one session call."""
+        if self.early_exit_graph is None:
+            return super().run(input_ids, attention_mask, token_type_ids, labels)
+        check_right_padded(attention_mask)
+        n = input_ids.shape[0]
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True) if self.sort_by_length else torch.arange(n)
+        out_logits = torch.zeros(n, self.model.config.num_labels)
+        out_layers = torch.zeros(n, dtype=torch.long)
+        for start in range(0, n, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = int(lengths[rows].max())
+            types = token_type_ids[rows, :width].long() if token_type_ids is not None else None
+            out_logits[rows], out_layers[rows] = self.early_exit_graph.run(
+                input_ids[rows, :width].long(), attention_mask[rows, :width].long(), types
+            )
+        consulted = torch.tensor(self.early_exit_graph.consulted)
+        self.layers_run += int(out_layers.sum())
+        self.exits_run += int((consulted[None, :] <= out_layers[:, None]).sum())
+        predicted, probs = predictions_from_logits(out_logits, self.task)
+        return EngineOutput(labels=predicted, probs=probs, exit_layers=out_layers, logits=out_logits)
 
 
 def is_onnx_export(path: str | Path) -> bool:
