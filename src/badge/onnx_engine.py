@@ -10,8 +10,9 @@
 
 Batch and sequence axes are dynamic, and each layer graph builds its attention mask from the 2-D
 padding mask itself, so the engine can drop rows and trim padding between layers exactly as the
-PyTorch engine does. `OnnxEarlyExitEngine` is `EarlyExitEngine` driving ONNX Runtime sessions
-instead of torch modules: same rules, same batching, same outputs.
+PyTorch engine does. `OnnxEarlyExitEngine` runs the pieces joined into one graph with the exit rule
+inside (`badge.onnx_graph`, one session call per batch), or, with `graph="layers"`, drives one
+session per piece as `EarlyExitEngine` drives torch modules: same rules, same outputs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -235,33 +237,45 @@ class OnnxMultiExitModel:
     Args:
         export_dir: a folder written by `export_onnx`.
         num_threads: ONNX Runtime intra-op threads per session (None = ONNX Runtime's default).
-        pieces: open a session per piece (False: only the manifest and the tokenizer, for `EarlyExitGraph`).
     """
 
-    def __init__(self, export_dir: str | Path, num_threads: int | None = None, pieces: bool = True) -> None:
-        folder = Path(export_dir)
-        self.folder = folder
-        self.config = Manifest.read(folder)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
+    def __init__(self, export_dir: str | Path, num_threads: int | None = None) -> None:
+        self.folder = Path(export_dir)
+        self.config = Manifest.read(self.folder)
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.inter_op_num_threads = 1
         # One session per piece means a dozen thread pools. Spinning idle threads (ONNX Runtime's
         # default) then fight over the cores with the session that runs: 5x slower on 2 cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if num_threads is not None:
-            options.intra_op_num_threads = num_threads
-        files = self.config.files
+            self.options.intra_op_num_threads = num_threads
+        has_tokenizer = (self.folder / "tokenizer_config.json").is_file()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder) if has_tokenizer else None
 
-        def session(name: str) -> ort.InferenceSession:
-            return ort.InferenceSession(folder / name, options, providers=["CPUExecutionProvider"])
+    # The sessions open on first use: where `EarlyExitGraph` runs the export, they are never needed.
+    def _session(self, name: str) -> ort.InferenceSession:
+        return ort.InferenceSession(self.folder / name, self.options, providers=["CPUExecutionProvider"])
 
-        if pieces:  # not needed (nor their thread pools) where `EarlyExitGraph` runs the export
-            self.embeddings = session(files["embeddings"])
-            self.layers = [session(name) for name in files["layers"]]
-            self.exits = {int(layer): session(name) for layer, name in files["exits"].items()}
-            self.embedding_inputs = {node.name for node in self.embeddings.get_inputs()}
-            self.exit_inputs = {layer: {node.name for node in s.get_inputs()} for layer, s in self.exits.items()}
-        self.tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    @cached_property
+    def embeddings(self) -> ort.InferenceSession:
+        return self._session(self.config.files["embeddings"])
+
+    @cached_property
+    def layers(self) -> list[ort.InferenceSession]:
+        return [self._session(name) for name in self.config.files["layers"]]
+
+    @cached_property
+    def exits(self) -> dict[int, ort.InferenceSession]:
+        return {int(layer): self._session(name) for layer, name in self.config.files["exits"].items()}
+
+    @cached_property
+    def embedding_inputs(self) -> set[str]:
+        return {node.name for node in self.embeddings.get_inputs()}
+
+    @cached_property
+    def exit_inputs(self) -> dict[int, set[str]]:
+        return {layer: {node.name for node in s.get_inputs()} for layer, s in self.exits.items()}
 
     @property
     def num_layers(self) -> int:
@@ -345,7 +359,7 @@ class OnnxEarlyExitEngine(EarlyExitEngine):
         if graph == "auto":
             graph = "layers" if chosen.needs_labels else "one"
         self.graph = graph
-        model = OnnxMultiExitModel(export_dir, num_threads, pieces=graph == "layers")
+        model = OnnxMultiExitModel(export_dir, num_threads)
         super().__init__(model, chosen, batch_size, sort_by_length=sort_by_length)
         self.early_exit_graph = None
         if graph == "one":

@@ -53,6 +53,18 @@ def rule_graphs(
     and writes `leave` (B,) bool and the new state (outputs `next.KEY`). Returns
     {layer: (graph, the state keys it writes)}.
     """
+    key = (str(policy), task, tuple(exit_layers), num_labels, opset)
+    if key not in _RULE_GRAPHS:  # exporting takes about a second per exit: once per process is enough
+        _RULE_GRAPHS[key] = _export_rule_graphs(policy, task, exit_layers, num_labels, opset)
+    return _RULE_GRAPHS[key]
+
+
+_RULE_GRAPHS: dict[tuple, dict[int, tuple[onnx.ModelProto, list[str]]]] = {}
+
+
+def _export_rule_graphs(
+    policy: ExitPolicy, task: str, exit_layers: list[int], num_labels: int, opset: int
+) -> dict[int, tuple[onnx.ModelProto, list[str]]]:
     step = policy.build(task, exit_layers)
     consulted = policy.exits_consulted(exit_layers)
     positions = {layer: position for position, layer in enumerate(exit_layers)}
