@@ -159,27 +159,19 @@ def test_pruned_int8_export_keeps_the_exit_policy_and_stays_close(inputs, tmp_pa
     assert manifest["quantized"] == "int8" and manifest["heads_kept"] == model.config.heads_kept
     layer_ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
     assert "MatMulInteger" in layer_ops  # int8 weights, activations quantised per batch
-    engine = load_engine(folder)
-    assert engine.policy == ExitPolicy(**POLICY)
+    engine = load_engine(folder, batch_size=1)
+    assert engine.policy == ExitPolicy(**POLICY) and engine.graph == "one"
     ids, mask = inputs
     answered = engine.run(ids, mask)
     expected = EarlyExitEngine(model).run(ids, mask)
     assert (torch.tensor(answered.labels) == torch.tensor(expected.labels)).float().mean() >= 0.9
     assert (answered.probs - expected.probs).abs().max() < 0.05
-
-
-def test_int8_one_graph_answers_as_the_int8_layers_and_close_to_float(model, inputs, tmp_path) -> None:
-    folder = export_onnx(model, tmp_path / "int8", quantize="int8")
-    ids, mask = inputs
-    # Activations are quantised per call, over the whole batch: row by row, both ways see the same tensors.
-    answered = OnnxEarlyExitEngine(folder, batch_size=1, graph="one").run(ids, mask)
-    expected = OnnxEarlyExitEngine(folder, batch_size=1, graph="layers").run(ids, mask)
-    assert answered.labels == expected.labels
-    assert torch.equal(answered.exit_layers, expected.exit_layers)
-    torch.testing.assert_close(answered.probs, expected.probs, atol=1e-4, rtol=0)
-    float_answer = EarlyExitEngine(model).run(ids, mask)
-    assert (torch.tensor(answered.labels) == torch.tensor(float_answer.labels)).float().mean() >= 0.9
-    assert (answered.probs - float_answer.probs).abs().max() < 0.05
+    # Activations are quantised per call over the whole batch: row by row, the one graph and the
+    # pieces run one by one see the same tensors, so they answer alike.
+    by_pieces = OnnxEarlyExitEngine(folder, batch_size=1, graph="layers").run(ids, mask)
+    assert answered.labels == by_pieces.labels
+    assert torch.equal(answered.exit_layers, by_pieces.exit_layers)
+    torch.testing.assert_close(answered.probs, by_pieces.probs, atol=1e-4, rtol=0)
 
 
 def test_quantize_torch_makes_an_int8_copy_that_early_exits(model, inputs) -> None:
