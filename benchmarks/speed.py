@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=None)
     parser.add_argument("--patience", type=int, default=None)
     parser.add_argument("--divergence", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample of texts timed")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the dataset split (the model's own)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/SPEED.md"))
     args = parser.parse_args()
 
@@ -48,7 +49,7 @@ def main() -> None:
         if args.rule
         else ExitPolicy.from_dict(model.config.exit_policy)
     )
-    dataset = load_named_dataset(args.dataset, seed=args.seed)[args.split]
+    dataset = load_named_dataset(args.dataset, split_seed=args.split_seed)[args.split]
     inputs, labels = encode_padded(dataset, model.tokenizer, args.max_length)
     sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
     inputs = {key: value[sample] for key, value in inputs.items()}

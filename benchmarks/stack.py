@@ -418,7 +418,7 @@ def main() -> None:
         if args.rule
         else ExitPolicy.from_dict(model.config.exit_policy)
     )
-    splits = load_named_dataset(args.dataset, seed=args.seed)
+    splits = load_named_dataset(args.dataset, split_seed=args.seed)
     data = subset(splits[args.split], args.limit, args.seed)
     inputs, labels = encode_padded(data, model.tokenizer, args.max_length)
     inputs["row"] = torch.arange(len(labels))  # follows each example through the length sorting

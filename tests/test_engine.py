@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
+from badge.gate import FEATURES
 from badge.rules import simulate
 
 
@@ -39,6 +40,12 @@ POLICIES = [
     ExitPolicy("patience", patience=1),
     ExitPolicy("pcee", tau=0.9, patience=2),
     ExitPolicy("static:2"),
+    # a hand-set gate (features: max_prob, entropy, margin, jsd_previous, jsd_mixture, streak), one row per exit
+    ExitPolicy(
+        "gate",
+        tau=0.6,
+        gate={"features": list(FEATURES), "weights": [[6.0, 0.0, 1.0, -3.0, -3.0, 0.5]] * 3, "bias": [-4.5] * 3},
+    ),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Trade-off summaries and calibration on hand-made curves and stored logits."""
+"""Comparing exit rules at matched speedups, and calibration, on hand-made curves and stored logits."""
 
 from __future__ import annotations
 
@@ -9,46 +9,87 @@ import torch
 from transformers import BertConfig
 
 from badge import ExitPolicy, MultiExitConfig, MultiExitModel
-from badge.evaluation import (
-    SweepPoint,
-    anchored_curve,
-    area_under_curve,
-    calibrate,
-    exit_costs,
-    metric_at_speedup,
-    pareto_front,
-    sweep,
-)
+from badge.comparison import RuleCurve, Scorer, compare_curves, held, mean_over_seeds, paired_bootstrap, upper_hull
+from badge.evaluation import SweepPoint, calibrate, exit_costs, exit_logits_for, sweep
 
 
 def point(speedup: float, metric: float, curve: str = "r", **policy) -> SweepPoint:
     return SweepPoint(curve, {"rule": "entropy", **policy}, metric, 6 / speedup, speedup, 1 - 1 / speedup, 1 / speedup)
 
 
-def test_metric_at_speedup_interpolates_along_the_curve_from_the_full_model() -> None:
-    curve = anchored_curve([point(2.0, 80.0), point(4.0, 70.0)], full_metric=84.0)
-    assert metric_at_speedup(curve, 1.5) == pytest.approx(82.0)
-    assert metric_at_speedup(curve, 3.0) == pytest.approx(75.0)
-    assert metric_at_speedup(curve, 5.0) is None
+def scores(mean_exit_layer: float, accuracy: float, n: int = 200) -> Scorer:
+    """A hand-made setting on `n` texts: every text leaves at `mean_exit_layer`, `accuracy` % of them right."""
+    right = round(n * accuracy / 100)
+    return Scorer(torch.full((n,), mean_exit_layer), 100.0 * (torch.arange(n) < right).float())
 
 
-def test_area_is_the_mean_metric_up_to_3x_and_counts_nothing_past_a_curve_end() -> None:
-    flat = anchored_curve([point(3.0, 80.0)], full_metric=80.0)
-    assert area_under_curve(flat) == pytest.approx(80.0)
-    short = anchored_curve([point(1.5, 80.0)], full_metric=80.0)  # reaches saved fraction 1/3 of 2/3
-    assert area_under_curve(short) == pytest.approx(40.0)
+def hand_made_curve(name: str, settings: dict[float, tuple[float, float]]) -> RuleCurve:
+    """A 6-layer rule whose settings (keyed by tau) have (mean exit layer, accuracy) on validation and on test;
+    `settings[tau] = ((layer, validation accuracy), (layer, test accuracy))`."""
+    validation = [(ExitPolicy("entropy", tau=tau), scores(*on_val)) for tau, (on_val, _) in settings.items()]
+    on_test = {str(ExitPolicy("entropy", tau=tau)): scores(*on_t) for tau, (_, on_t) in settings.items()}
+    return RuleCurve(name, validation, lambda policy: on_test[str(policy)], num_layers=6)
 
 
-def test_pareto_front_drops_dominated_points() -> None:
-    points = [point(1.5, 82.0), point(2.0, 83.0), point(2.5, 79.0), point(1.2, 81.0)]
-    assert [(p.layer_speedup, p.metric) for p in pareto_front(points)] == [(2.0, 83.0), (2.5, 79.0)]
+def test_upper_hull_keeps_only_points_a_mix_of_settings_cannot_beat() -> None:
+    policies = [ExitPolicy("entropy", tau=t) for t in (0.1, 0.2, 0.3, 0.4)]
+    points = [(6.0, 90.0, policies[0]), (4.5, 80.0, policies[1]), (3.0, 88.0, policies[2]), (1.0, 60.0, policies[3])]
+    hull = upper_hull(points)
+    assert [(m, a) for m, a, _ in hull] == [(1.0, 60.0), (3.0, 88.0), (6.0, 90.0)]  # (4.5, 80) lies below
+
+
+def test_mixing_two_settings_is_linear_in_mean_exit_layer() -> None:
+    curve = hand_made_curve("r", {0.0: ((6, 90), (6, 90)), 0.5: ((3, 87), (3, 84))})
+    measured = curve.report(1.5)  # a budget of 4 layers: 2/3 of the texts at 3 layers, 1/3 at 6
+    assert measured.mixture.a == ExitPolicy("entropy", tau=0.5) and measured.mixture.weight == pytest.approx(2 / 3)
+    assert measured.mean_exit_layer == pytest.approx(4.0)
+    assert measured.metric == pytest.approx(90 / 3 + 84 * 2 / 3)
+    assert curve.report(2.0).metric == pytest.approx(84.0) and curve.report(2.5) is None
+
+
+def test_a_short_reaching_accurate_rule_beats_a_long_reaching_inaccurate_one_at_matched_speedups() -> None:
+    accurate = hand_made_curve("accurate", {0.0: ((6, 90), (6, 90)), 0.5: ((3, 89), (3, 89))})  # reaches 2x
+    reaching = hand_made_curve(
+        "reaching", {0.0: ((6, 90), (6, 90)), 0.5: ((3, 85), (3, 85)), 0.9: ((1.5, 70), (1.5, 70))}
+    )  # reaches 4x
+    targets, results = compare_curves({"accurate": accurate, "reaching": reaching}, "reaching", 200, resamples=200)
+    assert targets["common"] == pytest.approx(2.0)  # the area spans only what both rules reach
+    assert results["accurate"].at["3x"] is None and results["reaching"].at["3x"].metric == pytest.approx(75.0)
+    for label in ("1.5x", "2x", "common"):
+        assert results["accurate"].at[label].metric > results["reaching"].at[label].metric
+    assert results["accurate"].area > results["reaching"].area
+    diff, low, high = results["accurate"].difference["2x"]
+    assert diff == pytest.approx(4.0) and low > 0 and held((low, high))
+
+
+def test_summary_points_are_chosen_on_validation_and_reported_on_test() -> None:
+    # On validation setting 0.5 looks best at 2x; on test setting 0.6 would be: the report keeps 0.5.
+    curve = hand_made_curve("r", {0.0: ((6, 90), (6, 90)), 0.5: ((3, 88), (3, 70)), 0.6: ((3, 80), (3, 95))})
+    measured = curve.report(2.0)
+    assert measured.mixture.a == ExitPolicy("entropy", tau=0.5) and measured.metric == pytest.approx(70.0)
+
+
+def test_paired_bootstrap_interval_contains_zero_for_equal_sides_and_excludes_it_for_a_real_gain() -> None:
+    better, worse = scores(3, 80, n=400), scores(3, 70, n=400)
+    low, high = paired_bootstrap(lambda texts, seeds: better.on(texts) - better.on(texts), 400, resamples=200)
+    assert low == high == 0.0 and not held((low, high))
+    low, high = paired_bootstrap(lambda texts, seeds: better.on(texts) - worse.on(texts), 400, resamples=200)
+    assert 0 < low < 10 < high
+
+
+def test_seeds_are_resampled_with_the_texts() -> None:
+    per_seed = [scores(3, 60), scores(3, 90)]
+    low, high = paired_bootstrap(lambda texts, seeds: mean_over_seeds(per_seed, texts, seeds), 200, 2, 400)
+    assert low < 62 and high > 88  # a resample may hold the same seed twice
+    texts_only = paired_bootstrap(lambda texts, seeds: mean_over_seeds(per_seed[:1], texts, seeds), 200, 1, 400)
+    assert texts_only[1] - texts_only[0] < 20
 
 
 def test_calibrate_meets_the_target_on_the_sweep() -> None:
     class Result:
         full_metric = 84.0
         metric_name = "accuracy"
-        summaries = {"entropy": {}}
+        curves = ["entropy"]
         points = [point(1.2, 83.9, tau=0.1), point(1.8, 83.2, tau=0.2), point(2.5, 81.0, tau=0.4)]
 
     assert calibrate(Result, "entropy", max_drop=1.0).policy["tau"] == 0.2
@@ -77,11 +118,23 @@ def test_sweep_over_stored_logits_reports_every_rule_and_the_oracle_bound(model)
     # Exits grow more accurate and more confident with depth.
     logits = torch.stack([(2 * labels - 1)[:, None].float() * (0.5 * e) + torch.randn(300, 2) for e in range(4)], 1)
     result = sweep(model, logits, labels, seq_len=16)
-    assert {"dge-jsd", "entropy", "maxprob", "patience", "pcee", "static", "oracle"} <= set(result.summaries)
+    assert {"dge-jsd", "entropy", "maxprob", "patience", "pcee", "static", "oracle"} <= set(result.curves)
     static_points = {p.policy["k"]: p for p in result.points if p.curve == "static"}
     assert static_points[2].layer_speedup == pytest.approx(2.0)
     assert static_points[4].metric == pytest.approx(result.full_metric)
     oracle = next(p for p in result.points if p.curve == "oracle")
     assert oracle.metric >= max(p.metric for p in result.points if p.curve != "oracle")
-    assert all(math.isfinite(s["auc"]) for s in result.summaries.values())
+    assert all(math.isfinite(p.metric) and 1.0 <= p.layer_speedup <= 4.0 for p in result.points)
     assert ExitPolicy.from_dict(oracle.policy).needs_labels
+
+
+def test_stored_logits_come_back_in_input_order_though_batches_are_sorted_by_length(model) -> None:
+    torch.manual_seed(2)
+    lengths = torch.tensor([9, 3, 12, 5, 3, 7])
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    inputs = {"input_ids": torch.randint(5, 100, (6, 12)) * mask, "attention_mask": mask}
+    logits, mean_length = exit_logits_for(model.eval(), inputs, torch.zeros(6, dtype=torch.long), batch_size=2)
+    for row in range(6):
+        alone = model(inputs["input_ids"][row : row + 1, : lengths[row]], mask[row : row + 1, : lengths[row]])
+        torch.testing.assert_close(logits[row], torch.cat(alone.exit_logits), atol=1e-5, rtol=1e-5)
+    assert mean_length == 6

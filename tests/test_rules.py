@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from badge import ExitPolicy
+from badge.gate import FEATURES, fit_gate, gate_features
 from badge.rules import PolicyError, divergence, log_distribution, names, simulate
 
 SINGLE = "single_label_classification"
@@ -124,3 +126,57 @@ def test_policies_name_the_exits_they_read_so_engines_can_skip_the_rest() -> Non
     assert ExitPolicy("static:3").exits_consulted(layers) == [4, 8]
     assert ExitPolicy("static:9").exits_consulted(layers) == [8]
     assert ExitPolicy("dge", tau=0.1).exits_consulted(layers) == layers
+
+
+# ----- the agreement gate --------------------------------------------------------------------
+def agreeing_exits(n: int = 400, seed: int = 0) -> torch.Tensor:
+    """(n, 4, 3) logits: shallow exits agree with the final one where they are confident, and guess elsewhere."""
+    generator = torch.Generator().manual_seed(seed)
+    final = torch.randint(0, 3, (n,), generator=generator)
+    exits = []
+    for position in range(4):
+        confident = torch.rand(n, generator=generator) < 0.3 + 0.2 * position
+        guess = torch.where(confident, final, torch.randint(0, 3, (n,), generator=generator))
+        logits = torch.randn(n, 3, generator=generator) * 0.3
+        logits[torch.arange(n), guess] += torch.where(confident, 4.0, 0.5)
+        exits.append(logits)
+    return torch.stack(exits, dim=1)
+
+
+def test_gate_features_at_the_first_exit_have_no_divergence_and_a_streak_of_one() -> None:
+    features, state = gate_features(torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), {})
+    assert features.shape == (2, len(FEATURES))
+    assert features[:, 3:5].abs().max() == 0 and features[:, 5].tolist() == [1.0, 1.0]
+    assert features[0, 0] > 0.9 and features[1, 1] == pytest.approx(1.0)  # max prob, normalised entropy
+    features, _ = gate_features(torch.tensor([[4.0, 0.0, 0.0], [0.0, 5.0, 0.0]]), state)
+    assert features[:, 5].tolist() == [2.0, 1.0]  # the streak counts exits that agree in a row
+    assert features[1, 3] > features[0, 3]  # the second row changed its mind: it diverges more
+
+
+def test_a_fitted_gate_learns_from_unlabelled_logits_and_can_leave_at_the_first_exit() -> None:
+    logits = agreeing_exits()
+    gate = fit_gate(logits)
+    assert len(gate["weights"]) == 3 and gate["features"] == list(FEATURES)
+    policy = ExitPolicy("gate", tau=0.8, gate=gate)
+    positions = simulate(logits, policy, "single_label_classification", [1, 2, 3, 4])
+    assert (positions == 0).any()  # unlike the paper's DGE, which needs two exits
+    final = logits[:, -1].argmax(-1)
+    chosen = logits[torch.arange(len(logits)), positions].argmax(-1)
+    early = positions < 3
+    assert (chosen[early] == final[early]).float().mean() > 0.9  # the texts it lets go agree with the final exit
+    stored = json.loads(json.dumps(policy.to_dict()))  # plain JSON, as exit_policy.json holds it
+    assert ExitPolicy.from_dict(stored) == policy
+
+
+def test_a_malformed_gate_is_refused_with_what_is_wrong() -> None:
+    with pytest.raises(PolicyError, match="needs a fitted gate"):
+        ExitPolicy("gate", tau=0.9).build("single_label_classification", [1, 2])
+    with pytest.raises(PolicyError, match="finite numbers"):
+        ExitPolicy("gate", tau=0.9, gate={"features": list(FEATURES), "weights": [[float("nan")] * 6], "bias": [0]})
+    with pytest.raises(PolicyError, match="one list of 6 numbers per exit"):
+        ExitPolicy("gate", tau=0.9, gate={"features": list(FEATURES), "weights": [[1.0]], "bias": [0.0]})
+    with pytest.raises(PolicyError, match="must lie in \\[0, 1\\]"):
+        ExitPolicy("gate", tau=2.0)
+    gate = {"features": list(FEATURES), "weights": [[0.0] * 6], "bias": [0.0]}
+    with pytest.raises(PolicyError, match="fitted for 2 exits; this model has 4"):
+        ExitPolicy("gate", tau=0.9, gate=gate).build("single_label_classification", [1, 2, 3, 4])

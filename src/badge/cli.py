@@ -7,23 +7,22 @@ badge evaluate MODEL_DIR ...     per-exit metrics, or a sweep of every exit rule
 
 from __future__ import annotations
 
-import random
-from dataclasses import replace
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from transformers.utils import logging as hf_logging
 
-from badge.config import TASKS
-from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits
+from badge.config import DEFAULT_MAX_SEQ_LENGTH, TASKS
+from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits, sample, training_overlap
+from badge.folders import FolderError, check_target
 from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import CheckpointError, MultiExitModel, count_flops
 from badge.rules import ExitPolicy
-from badge.training import SCHEMES, TrainingArguments, scheme_model_options, train
+from badge.training import SCHEMES, TrainingArguments, check_run_folder, scheme_model_options, train
 
 app = typer.Typer(
     help="BADGE: early-exit BERT-family encoders with block-wise bypasses and divergence-based exiting.",
@@ -37,7 +36,9 @@ Task = Enum("Task", {name: name for name in TASKS}, type=str)
 
 QUICKSTART_DATASET = "rotten-tomatoes"
 QUICKSTART_OPTIONS = {"epochs": 2.0, "batch_size": 16, "encoder_lr": 5e-5, "head_lr": 1e-3, "max_length": 64}
-QUICKSTART_RULE = "entropy"  # best (with maxprob, its equal on two classes) on validation sweeps
+# Best (with maxprob, its equal on two classes) at matched speedups in benchmarks/RESULTS.md.
+CALIBRATE_RULE = "entropy"
+QUICKSTART_RULE = CALIBRATE_RULE
 QUICKSTART_MAX_DROP = 1.0
 QUICKSTART_TRAIN_SAMPLES = 6000  # keeps the run near 6 minutes on 2 CPU cores
 
@@ -45,18 +46,6 @@ QUICKSTART_TRAIN_SAMPLES = 6000  # keeps the run near 6 minutes on 2 CPU cores
 def _fail(message: str) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(code=2)
-
-
-def _subsample(dataset: TextDataset, limit: int | None, seed: int) -> TextDataset:
-    if limit is None or limit >= len(dataset):
-        return dataset
-    rows = sorted(random.Random(seed).sample(range(len(dataset)), limit))
-    return replace(
-        dataset,
-        texts=[dataset.texts[i] for i in rows],
-        text_pairs=[dataset.text_pairs[i] for i in rows] if dataset.text_pairs is not None else None,
-        labels=[dataset.labels[i] for i in rows],
-    )
 
 
 def _load_data(
@@ -68,7 +57,7 @@ def _load_data(
     text_pair_column: str | None,
     label_column: str,
     task: str,
-    seed: int,
+    split_seed: int,
 ) -> dict[str, TextDataset]:
     if dataset is None and train_file is None:
         raise _fail(f"give --dataset (one of {sorted(DATASETS)}) or --train FILE")
@@ -78,7 +67,7 @@ def _load_data(
             str(validation_file) if validation_file else None,
             str(test_file) if test_file else None,
             dataset=dataset,
-            seed=seed,
+            split_seed=split_seed,
             text_column=text_column,
             text_pair_column=text_pair_column,
             label_column=label_column,
@@ -116,6 +105,7 @@ def run_training(
         )
     except (CheckpointError, ValueError) as error:
         raise _fail(str(error)) from error
+    _max_length(model, args.max_length)  # within the encoder's positions, before any work
     console.print(
         f"[bold]{encoder}[/]: {model.family}, {model.num_layers} layers, exits after {model.exit_layers}, "
         f"pooling {model.config.pooling}, bypass {'on' if model.config.use_bypass else 'off'} "
@@ -142,6 +132,24 @@ def _print_exit_table(model: MultiExitModel, dataset: TextDataset, split: str, m
     console.print(exit_table(model.exit_layers, metrics, title=f"{split} split ({len(dataset)} examples)"))
 
 
+MaxLengthOption = Annotated[int | None, typer.Option(help="tokens per text (default: what the model was trained with)")]
+
+
+def _max_length(model: Any, requested: int | None) -> int:
+    """Tokens per text for `model`: `requested`, else what it was trained with (checked for a PyTorch model)."""
+    if not isinstance(model, MultiExitModel):  # an ONNX export keeps its own shapes
+        if requested is not None and requested < 2:
+            raise _fail(f"--max-length {requested} must be an integer >= 2 (tokens per text, special tokens included)")
+        return requested or getattr(model.config, "max_seq_length", None) or DEFAULT_MAX_SEQ_LENGTH
+    try:
+        return model.max_length(requested)
+    except ValueError as error:
+        raise _fail(f"--max-length: {error}") from error
+
+
+SplitSeedOption = Annotated[
+    int, typer.Option(help="seed of the dataset split (or of the validation carved from --train), not of training")
+]
 DatasetOption = Annotated[str | None, typer.Option(help=f"a named real dataset: {', '.join(sorted(DATASETS))}")]
 TrainOption = Annotated[
     Path | None, typer.Option("--train", help="training file: CSV, TSV, JSON Lines or datasets folder")
@@ -173,7 +181,8 @@ def train_command(
     encoder_lr: Annotated[float, typer.Option(help="learning rate of the encoder")] = 5e-5,
     head_lr: Annotated[float, typer.Option(help="learning rate of exits and bypasses")] = 1e-3,
     max_length: Annotated[int, typer.Option(help="tokens per text; longer texts are truncated")] = 128,
-    seed: Annotated[int, typer.Option(help="seed for splits, shuffling and initialisation")] = 0,
+    seed: Annotated[int, typer.Option(help="seed for shuffling, sampling and initialisation")] = 0,
+    split_seed: SplitSeedOption = 0,
     gamma: Annotated[float, typer.Option(help="gradient damper (bb only; 1 = off)")] = 0.3,
     block_size: Annotated[int | None, typer.Option(help="layers per bypass block (default max(2, L//4))")] = None,
     bypass_dim: Annotated[int, typer.Option(help="bottleneck width of each bypass")] = 32,
@@ -183,12 +192,22 @@ def train_command(
     max_train_samples: Annotated[int | None, typer.Option(help="train on a seeded sample of this size")] = None,
     save_steps: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps")] = 200,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in OUTPUT")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in OUTPUT, replacing its run")] = False,
 ) -> None:
     """Train a multi-exit model on an encoder checkpoint and your data; prints the per-exit table."""
+    _check_run_folder(output, resume, overwrite)
     splits = _load_data(
-        dataset, train_file, validation_file, test_file, text_column, text_pair_column, label_column, task.value, seed
+        dataset,
+        train_file,
+        validation_file,
+        test_file,
+        text_column,
+        text_pair_column,
+        label_column,
+        task.value,
+        split_seed,
     )
-    splits["train"] = _subsample(splits["train"], max_train_samples, seed)
+    splits["train"] = sample(splits["train"], max_train_samples, seed)
     try:
         args = TrainingArguments(
             output_dir=str(output),
@@ -201,6 +220,7 @@ def train_command(
             seed=seed,
             save_steps=save_steps,
             resume=resume,
+            overwrite=overwrite,
         )
         options = {
             "problem_type": task.value,
@@ -218,11 +238,25 @@ def train_command(
         raise _fail(str(error)) from error
 
 
+def _check_run_folder(output: Path, resume: bool, overwrite: bool) -> None:
+    try:
+        check_run_folder(output, resume, overwrite)
+    except ValueError as error:
+        raise _fail(str(error)) from error
+
+
 def _load_model(model_dir: Path) -> MultiExitModel:
     try:
-        return MultiExitModel.from_pretrained(model_dir)
-    except CheckpointError as error:
+        model = MultiExitModel.from_pretrained(model_dir)
+    except (CheckpointError, FolderError) as error:
         raise _fail(str(error)) from error
+    _require_tokenizer(model, model_dir)
+    return model
+
+
+def _require_tokenizer(model: Any, model_dir: Path) -> None:
+    if getattr(model, "tokenizer", None) is None:
+        raise _fail(f"{model_dir} has no tokenizer files (tokenizer.json, vocab.txt ...); copy the encoder's into it")
 
 
 def _labelled_split(
@@ -233,8 +267,10 @@ def _labelled_split(
     text_column: str,
     text_pair_column: str | None,
     label_column: str,
-    seed: int,
+    split_seed: int,
 ) -> tuple[TextDataset, str]:
+    """A labelled split to score `model` on: `data` (a file) or `split` of the named `dataset`. Refuses one
+    that overlaps the model's training data."""
     task = model.config.problem_type
     if data is not None:
         try:
@@ -248,11 +284,16 @@ def _labelled_split(
             )
         except DataError as error:
             raise _fail(str(error)) from error
-        return loaded, str(data)
-    splits = _load_data(dataset, None, None, None, text_column, text_pair_column, label_column, task, seed)
-    if split not in splits:
-        raise _fail(f"split {split!r} is not one of {sorted(splits)}")
-    return splits[split], f"{dataset} {split}"
+        chosen, name = loaded, str(data)
+    else:
+        splits = _load_data(dataset, None, None, None, text_column, text_pair_column, label_column, task, split_seed)
+        if split not in splits:
+            raise _fail(f"split {split!r} is not one of {sorted(splits)}")
+        chosen, name = splits[split], f"{dataset} {split}"
+    overlap = training_overlap(getattr(model.config, "training_data", None), chosen)
+    if overlap is not None:
+        raise _fail(f"refusing to score {name}: {overlap}")
+    return chosen, name
 
 
 SplitOption = Annotated[str, typer.Option(help="split of --dataset to use")]
@@ -268,13 +309,23 @@ def evaluate_command(
     text_column: TextColumn = "text",
     text_pair_column: PairColumn = None,
     label_column: LabelColumn = "label",
-    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
-    seed: Annotated[int, typer.Option(help="seed of the dataset split")] = 0,
-    sweep: Annotated[bool, typer.Option("--sweep", help="sweep every exit rule's thresholds")] = False,
+    max_length: MaxLengthOption = None,
+    split_seed: SplitSeedOption = 0,
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="compare every exit rule at matched speedups (chosen on validation)")
+    ] = False,
+    validation_data: Annotated[
+        Path | None, typer.Option(help="with --data and --sweep: labelled file to choose settings on")
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="rule the others are compared with (default: the stored policy's)")
+    ] = None,
     output_dir: Annotated[Path | None, typer.Option(help="where --sweep writes sweep.json/.md/.png")] = None,
     batch_size: Annotated[int, typer.Option(help="batch size of the engine and the plain model")] = 32,
-    timing: Annotated[str, typer.Option(help="time the wall-clock speedup of: front, all or none")] = "front",
-    timing_samples: Annotated[int, typer.Option(help="examples timed per sweep point")] = 256,
+    timing: Annotated[
+        bool, typer.Option("--timing", help="also time the reference rule's settings against the plain model")
+    ] = False,
+    timing_samples: Annotated[int, typer.Option(help="examples timed per setting")] = 256,
     repeats: Annotated[int, typer.Option(help="timing repeats (the median is reported)")] = 5,
     engine_name: EngineOption = "torch",
     quantize: Annotated[str | None, typer.Option(help="int8: also run the torch model with int8 linear layers")] = None,
@@ -295,32 +346,44 @@ def evaluate_command(
             text_pair_column,
             label_column,
             max_length,
-            seed,
+            split_seed,
             batch_size,
         )
         return
     model = _load_model(model_dir)
-    evaluated, name = _labelled_split(model, dataset, split, data, text_column, text_pair_column, label_column, seed)
+    max_length = _max_length(model, max_length)
+    columns = (text_column, text_pair_column, label_column, split_seed)
+    evaluated = _labelled_split(model, dataset, split, data, *columns)
     if not sweep:
-        _print_exit_table(model, evaluated, name, max_length)
+        _print_exit_table(model, *evaluated, max_length)
         return
-    if timing not in ("front", "all", "none"):
-        raise _fail(f"--timing {timing!r} is not one of front, all, none")
-    from badge.evaluation import run_sweep, write_sweep
+    from badge.evaluation import run_sweep
+    from badge.report import write_sweep
 
-    result = run_sweep(
-        model,
-        evaluated,
-        batch_size=batch_size,
-        max_length=max_length,
-        timing=timing,
-        timing_samples=timing_samples,
-        repeats=repeats,
-        seed=seed,
-    )
+    if data is not None:  # a file: settings are chosen on --validation-data, else on the file itself (said so)
+        chosen_on = _labelled_split(model, None, "", validation_data, *columns) if validation_data else None
+    else:
+        if split == "validation":
+            raise _fail("--sweep chooses settings on the validation split; report on another --split (test)")
+        chosen_on = _labelled_split(model, dataset, "validation", None, *columns)
+    try:
+        result = run_sweep(
+            model,
+            chosen_on or evaluated,
+            evaluated if chosen_on else None,
+            reference=reference,
+            batch_size=batch_size,
+            max_length=max_length,
+            timing=timing,
+            timing_samples=timing_samples,
+            repeats=repeats,
+            seed=split_seed,
+        )
+    except ValueError as error:
+        raise _fail(str(error)) from error
     folder = output_dir or model_dir / "sweep"
-    paths = write_sweep(result, folder, title=f"{model_dir.name} on {name}")
-    console.print(paths["markdown"].read_text().split("\n\n| rule | policy")[0])
+    paths = write_sweep(result, folder, title=f"{model_dir.name}: exit rules on {evaluated[1]}")
+    console.print(paths["markdown"].read_text().split("\n\nEvery setting on")[0])
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
@@ -334,8 +397,8 @@ def _engine_report(
     text_column: str,
     text_pair_column: str | None,
     label_column: str,
-    max_length: int,
-    seed: int,
+    max_length: int | None,
+    split_seed: int,
     batch_size: int,
 ) -> None:
     """Metric, mean exit layer and layer speedup of the stored policy, per engine variant."""
@@ -357,9 +420,9 @@ def _engine_report(
     if quantize is not None:
         variants.append((f"torch {quantize}", EarlyExitEngine(quantize_torch(engine.model), batch_size=batch_size)))
     evaluated, name = _labelled_split(
-        engine.model, dataset, split, data, text_column, text_pair_column, label_column, seed
+        engine.model, dataset, split, data, text_column, text_pair_column, label_column, split_seed
     )
-    inputs, labels = encode_padded(evaluated, engine.model.tokenizer, max_length)
+    inputs, labels = encode_padded(evaluated, engine.model.tokenizer, _max_length(engine.model, max_length))
     task = engine.model.config.problem_type
     metric = primary_metric_name(task)
     table = Table(title=f"{model_dir} on {name}, policy {engine.policy}")
@@ -371,6 +434,14 @@ def _engine_report(
         score = task_metrics(out.logits, labels, task)[metric]
         table.add_row(label, f"{score:.2f}", f"{mean_layer:.2f}", f"{variant.model.num_layers / mean_layer:.2f}x")
     console.print(table)
+
+
+def _check_target(out_dir: Path, kind: str, model_dir: Path) -> None:
+    """Refuse, before any work, an output folder that is the source or holds something else (`badge.folders`)."""
+    try:
+        check_target(out_dir, kind, [model_dir])
+    except FolderError as error:
+        raise _fail(str(error)) from error
 
 
 @app.command("export")
@@ -385,6 +456,7 @@ def export_command(
 
     if format != "onnx":
         raise _fail(f"--format {format!r}: only onnx is supported")
+    _check_target(out_dir, "onnx export", model_dir)
     try:
         folder = export_onnx(model_dir, out_dir, quantize=quantize)
     except (CheckpointError, ValueError) as error:
@@ -404,8 +476,9 @@ def prune_command(
     text_column: TextColumn = "text",
     text_pair_column: PairColumn = None,
     label_column: LabelColumn = "label",
-    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
-    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    max_length: MaxLengthOption = None,
+    seed: Annotated[int, typer.Option(help="seed of the re-training")] = 0,
+    split_seed: SplitSeedOption = 0,
 ) -> None:
     """Remove the least important attention heads (gradient importance on validation data, Michel et al. 2019),
     optionally re-train, and save a model that reloads and early-exits like any other."""
@@ -413,8 +486,10 @@ def prune_command(
 
     if not 0.0 < heads < 1.0:
         raise _fail(f"--heads {heads} must lie strictly between 0 and 1")
+    _check_target(out_dir, "model", model_dir)
     model = _load_model(model_dir)
-    columns = (text_column, text_pair_column, label_column, seed)
+    max_length = _max_length(model, max_length)
+    columns = (text_column, text_pair_column, label_column, split_seed)
     importance = None
     if dataset or validation:
         tuning, name = _labelled_split(model, dataset, "validation", validation, *columns)
@@ -439,10 +514,11 @@ def prune_command(
             text_pair_column,
             label_column,
             model.config.problem_type,
-            seed,
+            split_seed,
         )
         args = TrainingArguments(
             output_dir=str(out_dir) + ".run",
+            overwrite=True,  # the re-training's own scratch folder
             epochs=retrain_epochs,
             max_length=max_length,
             seed=seed,
@@ -456,7 +532,9 @@ def prune_command(
 @app.command("calibrate")
 def calibrate_command(
     model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder; its exit policy is updated")],
-    rule: Annotated[str, typer.Option(help="exit rule (dge, entropy, ...) or a dge curve such as dge-kl")] = "dge",
+    rule: Annotated[
+        str, typer.Option(help="exit rule (entropy, dge, ...) or a dge curve such as dge-kl")
+    ] = CALIBRATE_RULE,
     max_drop: Annotated[float | None, typer.Option(help="largest metric drop allowed, in points")] = None,
     speedup: Annotated[float | None, typer.Option(help="smallest layer speedup wanted")] = None,
     dataset: DatasetOption = None,
@@ -465,16 +543,19 @@ def calibrate_command(
     text_column: TextColumn = "text",
     text_pair_column: PairColumn = None,
     label_column: LabelColumn = "label",
-    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
-    seed: Annotated[int, typer.Option(help="seed of the dataset split")] = 0,
+    max_length: MaxLengthOption = None,
+    split_seed: SplitSeedOption = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="report the choice without saving it")] = False,
 ) -> None:
     """Choose a rule's threshold on validation for a target, store it as the model's exit policy,
     and report it on a separate test split."""
     if (max_drop is None) == (speedup is None):
         raise _fail("give exactly one target: --max-drop POINTS or --speedup X")
+    if rule.split("-")[0] == "oracle":
+        raise _fail("rule 'oracle' needs the true labels: it is an analysis bound, not a policy to deploy")
     model = _load_model(model_dir)
-    columns = (text_column, text_pair_column, label_column, seed)
+    max_length = _max_length(model, max_length)
+    columns = (text_column, text_pair_column, label_column, split_seed)
     tuning = _labelled_split(model, dataset, "validation", validation, *columns)
     held_out = _labelled_split(model, dataset, "test", test, *columns) if test or dataset else None
     calibrate_and_store(model, model_dir, tuning, held_out, rule, max_drop, speedup, max_length, dry_run)
@@ -492,9 +573,9 @@ def calibrate_and_store(
     dry_run: bool = False,
 ) -> None:
     """Choose the rule's setting on the tuning split, report it there and on the held-out split, store it."""
-    from badge.evaluation import calibrate, run_sweep
+    from badge.evaluation import calibrate, sweep_dataset
 
-    swept = run_sweep(model, tuning[0], max_length=max_length, timing="none")
+    swept = sweep_dataset(model, tuning[0], max_length)
     try:
         chosen = calibrate(swept, rule, max_drop=max_drop, speedup=speedup)
     except ValueError as error:
@@ -505,7 +586,7 @@ def calibrate_and_store(
     )
     if held_out is not None:
         policy = [(chosen.curve, ExitPolicy.from_dict(chosen.policy))]
-        report = run_sweep(model, held_out[0], max_length=max_length, timing="none", policies=policy)
+        report = sweep_dataset(model, held_out[0], max_length, policy)
         point = report.points[0]
         console.print(
             f"reported on {held_out[1]}: {report.metric_name} {point.metric:.2f} (full model "
@@ -524,9 +605,16 @@ def _policy_override(rule: str | None, tau: float | None, patience: int | None, 
             raise _fail("--tau, --patience and --divergence need --rule")
         return None
     try:
-        return ExitPolicy(rule=rule, tau=tau, patience=patience, divergence=divergence)
+        policy = ExitPolicy(rule=rule, tau=tau, patience=patience, divergence=divergence)
     except ValueError as error:
         raise _fail(str(error)) from error
+    _refuse_label_rules(policy)
+    return policy
+
+
+def _refuse_label_rules(policy: ExitPolicy) -> None:
+    if policy.needs_labels:
+        raise _fail(f"rule {policy.rule!r} needs the true labels: it is an analysis bound, not a policy to deploy")
 
 
 RuleOption = Annotated[str | None, typer.Option(help="exit rule overriding the model's stored policy")]
@@ -541,9 +629,11 @@ def _load_engine(path: Path, engine: str, policy: ExitPolicy | None, batch_size:
     if engine not in ("torch", "onnx"):
         raise _fail(f"--engine {engine!r} is not one of torch, onnx")
     try:
-        return load_engine(path, engine, policy, batch_size)
+        loaded = load_engine(path, engine, policy, batch_size)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from error
+    _require_tokenizer(loaded.model, path)
+    return loaded
 
 
 TauOption = Annotated[float | None, typer.Option(help="threshold of --rule")]
@@ -559,20 +649,27 @@ def predict_command(
     text_column: TextColumn = "text",
     text_pair_column: PairColumn = None,
     batch_size: Annotated[int, typer.Option(help="rows per engine batch")] = 32,
-    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    max_length: MaxLengthOption = None,
     rule: RuleOption = None,
     tau: TauOption = None,
     patience: PatienceOption = None,
     divergence: DivergenceOption = None,
     engine_name: EngineOption = "torch",
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from TARGET.partial")] = False,
 ) -> None:
     """Stream a large file through the early-exit engine in batches; memory stays constant."""
-    from badge.predict import predict_file
+    from badge.predict import check_output, partial_path, predict_file
 
     if not source.is_file():
         raise _fail(f"input file {source} does not exist")
+    try:
+        check_output(source, target)
+    except DataError as error:
+        raise _fail(str(error)) from error
     engine = _load_engine(model_dir, engine_name, _policy_override(rule, tau, patience, divergence), batch_size)
+    _refuse_label_rules(engine.policy)
     model = engine.model
+    max_length = _max_length(model, max_length)
     try:
         summary = predict_file(
             engine,
@@ -582,13 +679,17 @@ def predict_command(
             text_pair_column=text_pair_column,
             batch_size=batch_size * 8,
             max_length=max_length,
+            resume=resume,
         )
     except DataError as error:
         raise _fail(str(error)) from error
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the rows so far are in {partial_path(target)}; add --resume to continue")
+        raise typer.Exit(code=130) from None
     console.print(
         f"wrote {summary.rows} rows to {target} with policy {engine.policy}: mean exit layer "
         f"{summary.mean_exit_layer:.2f} of {model.num_layers}"
-        + (f"; [yellow]{summary.errors} rows had no text[/] (see their error column)" if summary.errors else "")
+        + (f"; [yellow]{summary.errors} rows could not be read[/] (see their error column)" if summary.errors else "")
     )
 
 
@@ -603,7 +704,7 @@ def serve_command(
     max_chars: Annotated[int, typer.Option(help="most characters in one text")] = 2000,
     max_body_bytes: Annotated[int, typer.Option(help="largest request body")] = 1_000_000,
     request_timeout_s: Annotated[float, typer.Option(help="a request still waiting after this gets a 504")] = 30.0,
-    max_length: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    max_length: MaxLengthOption = None,
     rule: RuleOption = None,
     tau: TauOption = None,
     patience: PatienceOption = None,
@@ -614,6 +715,7 @@ def serve_command(
     from badge.serve import run_server
 
     model = _load_engine(model_dir, engine_name, None, max_batch_size).model
+    max_length = _max_length(model, max_length)
     policy = _policy_override(rule, tau, patience, divergence)
     if policy is not None:
         model.config.exit_policy = policy.to_dict()  # the default for requests that name no policy
@@ -649,14 +751,16 @@ def quickstart_command(
     max_train_samples: Annotated[int | None, typer.Option(help="train on a seeded sample of this size")] = (
         QUICKSTART_TRAIN_SAMPLES
     ),
-    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of sampling, shuffling and initialisation")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in OUTPUT, replacing its run")] = False,
 ) -> None:
     """Train the embedded default: MiniLM-L6 with block-wise bypasses on rotten-tomatoes reviews."""
+    _check_run_folder(output, False, overwrite)
     encoder = quickstart_encoder()
-    splits = _load_data(QUICKSTART_DATASET, None, None, None, "text", None, "label", TASKS[0], seed)
-    splits["train"] = _subsample(splits["train"], max_train_samples, seed)
+    splits = _load_data(QUICKSTART_DATASET, None, None, None, "text", None, "label", TASKS[0], 0)
+    splits["train"] = sample(splits["train"], max_train_samples, seed)
     options = {**QUICKSTART_OPTIONS, "epochs": epochs}
-    args = TrainingArguments(output_dir=str(output), scheme="bb", seed=seed, **options)
+    args = TrainingArguments(output_dir=str(output), scheme="bb", seed=seed, overwrite=overwrite, **options)
     best = run_training(encoder, splits, args, {})
     console.print(
         f"choosing the exit policy ({QUICKSTART_RULE}, at most {QUICKSTART_MAX_DROP} points below the full model)"

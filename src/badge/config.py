@@ -15,6 +15,7 @@ POOLINGS = ("cls", "mean")
 LOSS_WEIGHTS = ("uniform", "ascending", "descending")
 
 DEFAULT_EXIT_POLICY: dict[str, Any] = {"rule": "entropy", "tau": 0.3}
+DEFAULT_MAX_SEQ_LENGTH = 128  # for models saved before max_seq_length was recorded
 
 
 class MultiExitConfig(PretrainedConfig):
@@ -32,6 +33,10 @@ class MultiExitConfig(PretrainedConfig):
         loss_weights: `uniform`, `ascending` or `descending` weights over exits in the joint loss.
         exit_policy: the default exit rule and its parameters (see `badge.rules`).
         heads_kept: per layer (str index) the attention heads kept after pruning, or None.
+        max_seq_length: tokens per text the model was trained with; every command uses it unless told otherwise
+            (named as in sentence-transformers: transformers reserves `max_length` for generation).
+        training_data: where the training and validation texts came from (`badge.data` origins), so that
+            evaluation can refuse a split that overlaps them.
     """
 
     model_type = "badge-multi-exit"
@@ -49,6 +54,8 @@ class MultiExitConfig(PretrainedConfig):
         loss_weights: str = "ascending",
         exit_policy: dict[str, Any] | None = None,
         heads_kept: dict[str, list[int]] | None = None,
+        max_seq_length: int | None = None,
+        training_data: dict[str, Any] | None = None,
         initializer_range: float = 0.02,
         **kwargs: Any,
     ) -> None:
@@ -73,6 +80,10 @@ class MultiExitConfig(PretrainedConfig):
             raise ValueError(f"block_size {block_size} must lie in 1..{num_layers}")
         if bypass_dim < 1:
             raise ValueError(f"bypass_dim {bypass_dim} must be a positive integer")
+        if max_seq_length is not None and (
+            isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1
+        ):
+            raise ValueError(f"max_seq_length {max_seq_length!r} must be a positive integer (tokens per text)")
         self.num_layers = num_layers
         self.exit_layers = exit_layers
         self.pooling = pooling
@@ -84,6 +95,8 @@ class MultiExitConfig(PretrainedConfig):
         self.loss_weights = loss_weights
         self.exit_policy = dict(exit_policy) if exit_policy else dict(DEFAULT_EXIT_POLICY)
         self.heads_kept = heads_kept
+        self.max_seq_length = max_seq_length
+        self.training_data = training_data
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         if self.problem_type is None:

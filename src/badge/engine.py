@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from badge.config import DEFAULT_MAX_SEQ_LENGTH
 from badge.modeling import AttentionInputs, MultiExitModel
 from badge.rules import ExitPolicy, select_rows
 
@@ -235,9 +236,11 @@ class EarlyExitEngine:
         return EngineOutput(labels=predicted, probs=probs, exit_layers=out_layers, logits=out_logits)
 
     def classify(
-        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, max_length: int = 128
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, max_length: int | None = None
     ) -> EngineOutput:
-        """Tokenise texts with the model's tokenizer and run them."""
+        """Tokenise texts (cut to `max_length` tokens, default: the model's own) and run them."""
+        if max_length is None:
+            max_length = getattr(self.model.config, "max_seq_length", None) or DEFAULT_MAX_SEQ_LENGTH
         tokenizer = self.model.tokenizer
         if tokenizer is None:
             raise ValueError("the model has no tokenizer: load it from a saved folder or set model.tokenizer")

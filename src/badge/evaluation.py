@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +13,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from badge.comparison import BOOTSTRAP_RESAMPLES, RuleComparison, RuleCurve, SplitLogits, compare_rules
 from badge.data import EncodedDataset, TextDataset, collate, encode
+from badge.gate import fit_gate
 from badge.metrics import primary_metric_name, task_metrics
 from badge.modeling import MultiExitModel, count_flops
 from badge.rules import DIVERGENCES, RULES, ExitPolicy, simulate
@@ -73,22 +72,30 @@ class SweepPoint:
 
 @dataclass
 class SweepResult:
-    """All points of a sweep with each curve's summary."""
+    """All points of a sweep on one split."""
 
     metric_name: str
     num_layers: int
     full_metric: float
     points: list[SweepPoint]
-    summaries: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    @property
+    def curves(self) -> list[str]:
+        return list(dict.fromkeys(p.curve for p in self.points))
 
 
-def default_policies(task: str, num_layers: int, include_oracle: bool = True) -> list[tuple[str, ExitPolicy]]:
-    """Every registered rule over its sweep grid, as (curve name, policy) pairs."""
+def default_policies(
+    task: str, num_layers: int, include_oracle: bool = True, gate: dict[str, Any] | None = None
+) -> list[tuple[str, ExitPolicy]]:
+    """Every registered rule over its sweep grid, as (curve name, policy) pairs; the `gate` rule only when a
+    fitted gate is given (`fit_gate_for`)."""
     policies: list[tuple[str, ExitPolicy]] = []
     for name, spec in RULES.items():
         if name == "full" or (spec.needs_labels and (not include_oracle or task != "single_label_classification")):
             continue
         if task == "regression" and name in ("entropy", "maxprob", "pcee"):
+            continue
+        if name == "gate" and gate is None:
             continue
         grid = dict(spec.sweep)
         if name == "static":
@@ -101,8 +108,17 @@ def default_policies(task: str, num_layers: int, include_oracle: bool = True) ->
                 settings = dict(zip(keys, values, strict=True))
                 if kind:
                     settings["divergence"] = kind
+                if name == "gate":
+                    settings["gate"] = gate
                 policies.append((curve, ExitPolicy(rule=name, **settings)))
     return policies
+
+
+def fit_gate_for(split: SplitLogits) -> dict[str, Any] | None:
+    """The agreement gate fitted on a split's stored logits (no labels used); None where the rule does not apply."""
+    if split.task != "single_label_classification" or len(split.exit_layers) < 2:
+        return None
+    return fit_gate(split.exit_logits)
 
 
 def exit_costs(model: MultiExitModel, seq_len: int) -> torch.Tensor:
@@ -142,49 +158,11 @@ def evaluate_policy(
     )
 
 
-def pareto_front(points: list[SweepPoint]) -> list[SweepPoint]:
-    """Points no other point beats on both metric and speed, sorted by layer speedup."""
-    ordered = sorted(points, key=lambda p: (-p.layer_speedup, -p.metric))
-    front, best = [], -math.inf
-    for point in ordered:
-        if point.metric > best:
-            front.append(point)
-            best = point.metric
-    return sorted(front, key=lambda p: p.layer_speedup)
-
-
-def anchored_curve(front: list[SweepPoint], full_metric: float) -> list[tuple[float, float]]:
-    """(layer speedup, metric) along a front, starting at the full model (1x, its metric)."""
-    return [(1.0, full_metric)] + [(p.layer_speedup, p.metric) for p in front if p.layer_speedup > 1.0]
-
-
-def metric_at_speedup(curve: list[tuple[float, float]], target: float) -> float | None:
-    """Metric at `target` layer speedup, interpolated linearly along a curve; None if it never gets there."""
-    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
-        if x0 <= target <= x1:
-            share = 0.0 if x1 == x0 else (target - x0) / (x1 - x0)
-            return y0 + share * (y1 - y0)
-    return None
-
-
-AUC_MAX_SPEEDUP = 3.0
-
-
-def area_under_curve(curve: list[tuple[float, float]], max_speedup: float = AUC_MAX_SPEEDUP) -> float:
-    """Area under metric vs saved fraction (1 - 1/speedup) from the full model to `max_speedup`, divided
-    by that width: the mean metric over the range, in metric points. Past its last point a curve adds
-    nothing, so a rule that cannot reach the range's end scores lower."""
-    end = 1.0 - 1.0 / max_speedup
-    points = [(1.0 - 1.0 / speedup, metric) for speedup, metric in curve]
-    area = 0.0
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        if x0 >= end:
-            break
-        if x1 > end:  # cut the last segment at the range's end
-            y1 = y0 + (y1 - y0) * (end - x0) / (x1 - x0)
-            x1 = end
-        area += (x1 - x0) * (y0 + y1) / 2
-    return area / end
+def curve_name(policy: ExitPolicy) -> str:
+    """The sweep curve a policy belongs to: the rule, with the divergence for `dge` (`dge-jsd`)."""
+    if policy.rule == "dge":
+        return f"dge-{policy.divergence or 'jsd'}"
+    return policy.rule
 
 
 def sweep(
@@ -194,23 +172,13 @@ def sweep(
     seq_len: int,
     policies: list[tuple[str, ExitPolicy]] | None = None,
 ) -> SweepResult:
-    """Sweep every rule's thresholds over stored logits; summarise each curve at 1.5x / 2x / 3x and by area."""
+    """Every rule's settings replayed over stored logits of one split: the raw points, nothing chosen."""
     task = model.config.problem_type
     policies = policies if policies is not None else default_policies(task, model.num_layers)
     costs = exit_costs(model, seq_len)
     full = evaluate_policy(exit_logits, labels, ExitPolicy("full"), model, costs, "full")
     points = [evaluate_policy(exit_logits, labels, policy, model, costs, curve) for curve, policy in policies]
-    result = SweepResult(primary_metric_name(task), model.num_layers, full.metric, points)
-    for curve in dict.fromkeys(p.curve for p in points):
-        line = anchored_curve(pareto_front([p for p in points if p.curve == curve]), full.metric)
-        result.summaries[curve] = {
-            "auc": area_under_curve(line),
-            "metric_at_1.5x": metric_at_speedup(line, 1.5),
-            "metric_at_2x": metric_at_speedup(line, 2.0),
-            "metric_at_3x": metric_at_speedup(line, 3.0),
-            "max_speedup": line[-1][0],
-        }
-    return result
+    return SweepResult(primary_metric_name(task), model.num_layers, full.metric, points)
 
 
 # ----- wall-clock ----------------------------------------------------------------------------
@@ -302,107 +270,108 @@ def encode_padded(
 def exit_logits_for(
     model: MultiExitModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int = 32
 ) -> tuple[torch.Tensor, int]:
-    """All exits' logits (N, E, K) for padded inputs, and the mean sequence length (for FLOPs)."""
-    loader = length_sorted_batches({**inputs, "labels": labels}, batch_size, sort=False)  # keeps input order
+    """All exits' logits (N, E, K) for padded inputs, in input order, and the mean sequence length (for FLOPs).
+
+    Batches hold texts of similar length, so little time goes into padding."""
+    lengths = inputs["attention_mask"].sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    sorted_inputs = {key: value[order] for key, value in {**inputs, "labels": labels}.items()}
+    loader = length_sorted_batches(sorted_inputs, batch_size, sort=False)
     exit_logits, _ = collect_exit_logits(model, loader, progress=True)
-    return exit_logits, int(inputs["attention_mask"].sum(dim=1).float().mean().round())
+    in_order = torch.empty_like(exit_logits)
+    in_order[order] = exit_logits
+    return in_order, int(lengths.float().mean().round())
+
+
+@dataclass
+class SweepReport:
+    """`badge evaluate --sweep`: every rule compared at matched speedups, chosen on one split, reported on another.
+
+    `same_split` is True when only one labelled split was given, so choice and report share it (optimistic).
+    `timed` holds (curve, policy, wall-clock speedup) of the reference rule's settings, when timing was asked for.
+    """
+
+    selection: str
+    reported: str
+    same_split: bool
+    comparison: RuleComparison
+    points: SweepResult  # every setting on the reported split, nothing chosen
+    timed: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+
+
+def split_logits(
+    model: MultiExitModel, dataset: TextDataset, max_length: int, batch_size: int = 32
+) -> tuple[SplitLogits, dict[str, torch.Tensor], int]:
+    """Every exit's logits on a labelled dataset, its padded inputs, and the mean sequence length."""
+    inputs, labels = encode_padded(dataset, model.tokenizer, max_length)
+    exit_logits, seq_len = exit_logits_for(model, inputs, labels, batch_size)
+    return SplitLogits(exit_logits, labels, model.exit_layers, model.config.problem_type), inputs, seq_len
+
+
+def sweep_dataset(
+    model: MultiExitModel,
+    dataset: TextDataset,
+    max_length: int | None = None,
+    policies: list[tuple[str, ExitPolicy]] | None = None,
+    batch_size: int = 32,
+) -> SweepResult:
+    """Every rule's settings (or `policies`) on one labelled dataset: the model runs once, rules replay."""
+    split, _, seq_len = split_logits(model, dataset, model.max_length(max_length), batch_size)
+    if policies is None:
+        policies = default_policies(model.config.problem_type, model.num_layers, gate=fit_gate_for(split))
+    return sweep(model, split.exit_logits, split.labels, seq_len, policies)
 
 
 def run_sweep(
     model: MultiExitModel,
-    dataset: TextDataset,
+    validation: tuple[TextDataset, str],
+    test: tuple[TextDataset, str] | None = None,
     *,
+    reference: str | None = None,
     batch_size: int = 32,
-    max_length: int = 128,
-    timing: str = "front",
+    max_length: int | None = None,
+    timing: bool = False,
     timing_samples: int = 256,
     repeats: int = 5,
     seed: int = 0,
-    policies: list[tuple[str, ExitPolicy]] | None = None,
-) -> SweepResult:
-    """Sweep every rule on a labelled split and, for `timing` = `front` (each curve's best points) or `all`,
-    measure the wall-clock speedup over the plain model on `timing_samples` of its examples."""
-    inputs, labels = encode_padded(dataset, model.tokenizer, max_length)
-    exit_logits, seq_len = exit_logits_for(model, inputs, labels, batch_size)
-    result = sweep(model, exit_logits, labels, seq_len, policies)
-    if timing == "none":
-        return result
-    generator = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(len(labels), generator=generator)[:timing_samples]
-    sampled = {key: value[sample] for key, value in inputs.items()}
-    chosen = result.points
-    if timing == "front":
-        front_ids = set()
-        for curve in result.summaries:
-            front_ids |= {id(p) for p in pareto_front([p for p in result.points if p.curve == curve])}
-        chosen = [p for p in result.points if id(p) in front_ids]
-    for point in tqdm(chosen, desc="timing"):
-        policy = ExitPolicy.from_dict(point.policy)
-        point.wallclock_speedup = time_policy(
-            model, policy, sampled, batch_size, repeats, labels[sample] if policy.needs_labels else None
-        ).speedup
-    return result
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> SweepReport:
+    """Compare every rule: settings chosen on `validation`, metrics and intervals on `test` (dataset, name).
 
-
-def write_sweep(result: SweepResult, folder: Path, title: str = "early-exit trade-off") -> dict[str, Path]:
-    """Write the sweep as `sweep.json`, `sweep.md` (summary and points) and `sweep.png` (metric vs speedup)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "sweep.json", "markdown": folder / "sweep.md", "plot": folder / "sweep.png"}
-    paths["json"].write_text(json.dumps(asdict(result), indent=2))
-    paths["markdown"].write_text(sweep_markdown(result, title))
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for curve in result.summaries:
-        line = anchored_curve(pareto_front([p for p in result.points if p.curve == curve]), result.full_metric)
-        style = "--" if curve == "oracle" else "-"
-        axis.plot(*zip(*line, strict=True), style, marker="o", markersize=3, label=curve)
-    axis.set_xlabel("layer speedup (L / mean exit layer)")
-    axis.set_ylabel(result.metric_name)
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    figure.savefig(paths["plot"], dpi=120)
-    plt.close(figure)
-    return paths
-
-
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def sweep_markdown(result: SweepResult, title: str) -> str:
-    """Markdown tables: one summary row per curve, then every point."""
-    lines = [
-        f"# {title}",
-        "",
-        f"Full model {result.metric_name}: {result.full_metric:.2f} ({result.num_layers} layers).",
-        "",
-        f"| rule | AUC | {result.metric_name} @1.5x | @2x | @3x | max layer speedup |",
-        "|---|---|---|---|---|---|",
-    ]
-    for curve, s in result.summaries.items():
-        lines.append(
-            f"| {curve} | {_fmt(s['auc'])} | {_fmt(s['metric_at_1.5x'])} | {_fmt(s['metric_at_2x'])} "
-            f"| {_fmt(s['metric_at_3x'])} | {_fmt(s['max_speedup'])} |"
+    The model runs once per split; every rule is replayed over the stored logits. Without `test`, the
+    validation split is also the reported one and the report says so. `reference` is the curve the others
+    are compared with (default: the model's stored policy). With `timing`, the reference rule's settings are
+    timed against the plain model on `timing_samples` reported texts.
+    """
+    max_length = model.max_length(max_length)
+    task = model.config.problem_type
+    chosen_on, inputs, seq_len = split_logits(model, validation[0], max_length, batch_size)
+    reported_on = chosen_on
+    if test is not None:
+        reported_on, inputs, seq_len = split_logits(model, test[0], max_length, batch_size)
+    policies = default_policies(task, model.num_layers, gate=fit_gate_for(chosen_on))  # the gate learns on validation
+    curves: dict[str, list[ExitPolicy]] = {}
+    for curve, policy in policies:
+        curves.setdefault(curve, []).append(policy)
+    reference = reference or curve_name(ExitPolicy.from_dict(model.config.exit_policy))
+    if reference not in curves:
+        reference = "entropy" if "entropy" in curves else next(iter(curves))
+    with tqdm(total=len([c for c in curves if c != "oracle"]), desc="comparing rules") as bar:
+        comparison = compare_rules(
+            curves, chosen_on, reported_on, reference, resamples=resamples, progress=lambda _: bar.update(1)
         )
-    lines += [
-        "",
-        f"| rule | policy | {result.metric_name} | mean exit layer | layer speedup | saved | FLOPs ratio "
-        "| wall-clock speedup |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for p in result.points:
-        policy = ", ".join(f"{k}={v}" for k, v in p.policy.items() if k != "rule")
-        lines.append(
-            f"| {p.curve} | {policy} | {p.metric:.2f} | {p.mean_exit_layer:.2f} | {p.layer_speedup:.2f} "
-            f"| {p.saved_fraction:.2f} | {p.flops_ratio:.3f} | {_fmt(p.wallclock_speedup)} |"
-        )
-    return "\n".join(lines) + "\n"
+    points = sweep(model, reported_on.exit_logits, reported_on.labels, seq_len, policies)
+    reported = (test or validation)[1]
+    report = SweepReport(validation[1], reported, test is None, comparison, points)
+    if timing:
+        generator = torch.Generator().manual_seed(seed)
+        sample = torch.randperm(len(reported_on), generator=generator)[:timing_samples]
+        sampled = {key: value[sample] for key, value in inputs.items()}
+        hull = RuleCurve.replay(reference, curves[reference], chosen_on, reported_on).hull
+        for _, _, policy in tqdm(hull, desc=f"timing {reference}"):
+            timed = time_policy(model, policy, sampled, batch_size, repeats)
+            report.timed.append((reference, policy.to_dict(), timed.speedup))
+    return report
 
 
 # ----- calibration -----------------------------------------------------------------------------
@@ -415,7 +384,7 @@ def calibrate(
         raise ValueError("give exactly one target: max_drop or speedup")
     candidates = [p for p in result.points if p.curve == rule or p.policy["rule"] == rule]
     if not candidates:
-        raise ValueError(f"rule {rule!r} has no sweep points; rules swept: {sorted(result.summaries)}")
+        raise ValueError(f"rule {rule!r} has no sweep points; rules swept: {sorted(result.curves)}")
     if max_drop is not None:
         floor = result.full_metric - max_drop
         fitting = [p for p in candidates if p.metric >= floor]

@@ -12,19 +12,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
-from badge.config import MultiExitConfig
+from badge.config import DEFAULT_MAX_SEQ_LENGTH, MultiExitConfig
+from badge.folders import TOKENIZER_FILES, load_tokenizer, refuse_shipped_code, save_folder
 from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
@@ -163,6 +163,23 @@ class MultiExitModel(PreTrainedModel):
     @property
     def intermediate_layers(self) -> list[int]:
         return [layer for layer in self.config.exit_layers if layer != self.config.num_layers]
+
+    def max_length(self, requested: int | None = None) -> int:
+        """Tokens per text: `requested`, else what the model was trained with; checked against the encoder.
+
+        Raises ValueError naming the value when it is not a positive integer or exceeds the encoder's
+        position limit.
+        """
+        value = self.config.max_seq_length or DEFAULT_MAX_SEQ_LENGTH if requested is None else requested
+        backbone = self.encoder.config
+        limit = getattr(backbone, "max_position_embeddings", None)
+        if limit is not None and self.family in ("roberta", "xlm-roberta"):
+            limit -= backbone.pad_token_id + 1  # positions start after the padding index
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"max length {value!r} must be an integer >= 2 (tokens per text, special tokens included)")
+        if limit is not None and value > limit:
+            raise ValueError(f"max length {value} exceeds the {limit} positions of this {self.family} encoder")
+        return value
 
     @property
     def label_names(self) -> list[str]:
@@ -350,6 +367,7 @@ class MultiExitModel(PreTrainedModel):
             raise CheckpointError(f"{path} has no config.json: expected a Hugging Face encoder folder")
         if not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path} has no model.safetensors: only safetensors weights are loaded")
+        refuse_shipped_code(path)
         if label_names is not None:
             num_labels = len(label_names) if num_labels is None else num_labels
             if num_labels != len(label_names):
@@ -358,10 +376,10 @@ class MultiExitModel(PreTrainedModel):
             raise ValueError("give num_labels or label_names")
         if label_names is None:
             label_names = ["value"] if problem_type == "regression" else [str(i) for i in range(num_labels)]
-        encoder = AutoModel.from_pretrained(path, use_safetensors=True)
+        encoder = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
         exit_options.setdefault("pooling", declared_pooling(path))
         config = MultiExitConfig(
-            backbone=AutoConfig.from_pretrained(path).to_dict(),
+            backbone=AutoConfig.from_pretrained(path, trust_remote_code=False).to_dict(),
             num_labels=num_labels,
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
@@ -369,22 +387,23 @@ class MultiExitModel(PreTrainedModel):
             **exit_options,
         )
         model = cls(config, encoder=encoder)
-        model.tokenizer = AutoTokenizer.from_pretrained(path)
+        model.tokenizer = load_tokenizer(path, encoder.config.vocab_size)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save config, safetensors weights, tokenizer and `exit_policy.json`; replaces the folder atomically."""
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            super().save_pretrained(staging, **kwargs)
+        """Save config, safetensors weights, tokenizer and `exit_policy.json` into `save_directory`.
+
+        Each file is replaced atomically and every other file in the folder is kept (`badge.folders`);
+        a folder of another kind (an ONNX export, a plain encoder) is refused with `FolderError`.
+        """
+
+        def write(staging: Path) -> None:
+            PreTrainedModel.save_pretrained(self, staging, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             (staging / EXIT_POLICY_FILE).write_text(json.dumps(self.config.exit_policy, indent=2) + "\n")
-            replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+        save_folder(save_directory, write, kind="model")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args: Any, **kwargs: Any) -> MultiExitModel:
@@ -394,24 +413,54 @@ class MultiExitModel(PreTrainedModel):
             raise CheckpointError(f"{path} is not a saved BADGE model: config.json is missing")
         if not (path / "model.safetensors").is_file():
             raise CheckpointError(f"{path} is not a saved BADGE model: model.safetensors is missing")
-        try:
-            config = MultiExitConfig.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"{path}/config.json cannot be read: {error}") from error
+        config = read_config(path)
         policy_file = path / EXIT_POLICY_FILE
         if policy_file.is_file():
             try:
                 config.exit_policy = json.loads(policy_file.read_text())
             except json.JSONDecodeError as error:
                 raise CheckpointError(f"{policy_file} is not valid JSON: {error}") from error
+        check_exit_policy(config.exit_policy, policy_file if policy_file.is_file() else path / "config.json")
         kwargs.setdefault("use_safetensors", True)
         try:
             model = super().from_pretrained(path, *args, config=config, **kwargs)
         except Exception as error:  # safetensors raises its own types for truncated or corrupt files
             raise CheckpointError(f"{path}/model.safetensors cannot be loaded: {error}") from error
-        if (path / "tokenizer_config.json").is_file():
-            model.tokenizer = AutoTokenizer.from_pretrained(path)
+        if any((path / name).is_file() for name in TOKENIZER_FILES):
+            model.tokenizer = load_tokenizer(path, model.encoder.config.vocab_size)
         return model
+
+
+def read_config(path: Path) -> MultiExitConfig:
+    """The `MultiExitConfig` in `path/config.json`; `CheckpointError` naming the file when a value has the wrong
+    type or range (a string for `num_labels`, a list for `id2label` ...)."""
+    try:
+        config = MultiExitConfig.from_pretrained(path)
+        config.backbone_config()
+        names = [config.id2label[i] for i in range(config.num_labels)]
+    except Exception as error:  # a config is user data: any failure to read it is the file's fault
+        raise CheckpointError(
+            f"{path}/config.json cannot be read as a BADGE model config ({type(error).__name__}: {error}); "
+            "expected the file `save_pretrained` wrote"
+        ) from error
+    if not all(isinstance(name, str) for name in names):
+        raise CheckpointError(f"{path}/config.json: label names {names} must be strings")
+    return config
+
+
+def check_exit_policy(policy: Any, where: Path) -> None:
+    """Raise `CheckpointError` naming `where` unless `policy` is a valid exit policy (`ExitPolicy.from_dict`)."""
+    from badge.rules import ExitPolicy
+
+    example = '{"rule": "entropy", "tau": 0.3}'
+    if not isinstance(policy, dict):
+        raise CheckpointError(f"exit policy {policy!r} in {where} is not an object; expected one like {example}")
+    try:
+        ExitPolicy.from_dict(policy)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"exit policy {policy} in {where} is not valid: {error}; expected one like {example}"
+        ) from error
 
 
 def declared_pooling(path: str | os.PathLike) -> str:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -31,10 +29,10 @@ from typing import Any
 import onnxruntime as ort
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from badge.engine import EarlyExitEngine, EngineOutput, check_right_padded, predictions_from_logits
-from badge.modeling import AttentionInputs, MultiExitModel, replace_directory
+from badge.folders import TOKENIZER_FILES, load_tokenizer, save_folder
+from badge.modeling import AttentionInputs, MultiExitModel
 from badge.onnx_graph import EarlyExitGraph
 from badge.quantize import check_mode, quantize_onnx
 from badge.rules import ExitPolicy
@@ -171,7 +169,8 @@ def export_onnx(model_or_dir: MultiExitModel | str | Path, out_dir: str | Path, 
 
     Args:
         model_or_dir: a `MultiExitModel` (switched to eval mode) or the folder of a saved one.
-        out_dir: the folder to write; replaced atomically if it exists.
+        out_dir: the folder to write: its export files are replaced one by one, other files kept; a model
+            folder (the source included) is refused with `FolderError`.
         quantize: None (float32) or `int8` (dynamic int8 weights in the layer graphs; exits stay float).
     Returns:
         `out_dir` as a Path.
@@ -180,9 +179,9 @@ def export_onnx(model_or_dir: MultiExitModel | str | Path, out_dir: str | Path, 
     model = model_or_dir if isinstance(model_or_dir, MultiExitModel) else MultiExitModel.from_pretrained(model_or_dir)
     model.eval()
     target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    sources = [] if isinstance(model_or_dir, MultiExitModel) else [model_or_dir]
+
+    def write(staging: Path) -> None:
         files = _export_pieces(model, staging, quantize)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(staging)
@@ -200,9 +199,8 @@ def export_onnx(model_or_dir: MultiExitModel | str | Path, out_dir: str | Path, 
             heads_kept=model.config.heads_kept,
         )
         (staging / MANIFEST_FILE).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-        replace_directory(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    save_folder(target, write, kind="onnx export", sources=sources)
     return target
 
 
@@ -250,8 +248,8 @@ class OnnxMultiExitModel:
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if num_threads is not None:
             self.options.intra_op_num_threads = num_threads
-        has_tokenizer = (self.folder / "tokenizer_config.json").is_file()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder) if has_tokenizer else None
+        has_tokenizer = any((self.folder / name).is_file() for name in TOKENIZER_FILES)
+        self.tokenizer = load_tokenizer(self.folder) if has_tokenizer else None
 
     # The sessions open on first use: where `EarlyExitGraph` runs the export, they are never needed.
     def _session(self, name: str) -> ort.InferenceSession:

@@ -5,8 +5,9 @@ running and a small per-row state (counters, the previous exit's log-probabiliti
 which rows leave now plus the new state. The same step serves the layer-by-layer engine and the
 offline simulation over stored logits (`simulate`), so sweeps and deployment agree exactly.
 
-Rules: `dge` (divergence between consecutive exits, with patience), `entropy`, `maxprob`,
-`patience` (PABEE), `pcee`, `static:k`, `full` (never early) and `oracle` (needs labels).
+Rules: `dge` (divergence between consecutive exits, with patience), `gate` (a learned gate over
+confidence and divergence, see `badge.gate`), `entropy`, `maxprob`, `patience` (PABEE), `pcee`,
+`static:k`, `full` (never early) and `oracle` (needs labels).
 """
 
 from __future__ import annotations
@@ -18,64 +19,15 @@ from typing import Any
 
 import torch
 
+from badge.distributions import DIVERGENCES, MULTI, REGRESSION, SINGLE, divergence, log_distribution, normalized_entropy
+from badge.gate import check_gate, gate_step
+
 Tensor = torch.Tensor
 State = dict[str, Tensor]
-
-SINGLE = "single_label_classification"
-MULTI = "multi_label_classification"
-REGRESSION = "regression"
-DIVERGENCES = ("jsd", "kl", "rkl", "skl", "xjsd", "argmax")
 
 
 class PolicyError(ValueError):
     """An exit policy with an unknown rule or a parameter out of range."""
-
-
-# ----- distributions in log space ------------------------------------------------------------
-def log_distribution(logits: Tensor, task: str) -> Tensor:
-    """Log-probabilities in float32: (B, K) for single-label, (B, K, 2) per-label binary for multi-label."""
-    logits = logits.float()
-    if task == MULTI:
-        return torch.stack([torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits)], -1)
-    return torch.log_softmax(logits, dim=-1)
-
-
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) over the last axis, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
-
-
-def divergence(log_p: Tensor, log_q: Tensor, kind: str = "jsd") -> Tensor:
-    """Divergence between two distributions given as log-probabilities over the last axis.
-
-    Args:
-        log_p: previous exit's log-probabilities (..., K).
-        log_q: current exit's log-probabilities (..., K).
-        kind: `jsd`, `kl` (KL(p||q)), `rkl` (KL(q||p)), `skl` (kl + rkl), `xjsd` (JSD plus the mean
-            entropy: cross-entropies against the mixture), or `argmax` (0/1 disagreement).
-    Returns:
-        (...) divergence per distribution.
-    """
-    if kind == "argmax":
-        return (log_p.argmax(-1) != log_q.argmax(-1)).float()
-    if kind == "kl":
-        return _kl(log_p, log_q)
-    if kind == "rkl":
-        return _kl(log_q, log_p)
-    if kind == "skl":
-        return _kl(log_p, log_q) + _kl(log_q, log_p)
-    log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
-    if kind == "jsd":
-        return (0.5 * _kl(log_p, log_m) + 0.5 * _kl(log_q, log_m)).clamp(min=0.0)
-    if kind == "xjsd":
-        return -0.5 * (log_p.exp() * log_m).sum(-1) - 0.5 * (log_q.exp() * log_m).sum(-1)
-    raise PolicyError(f"divergence {kind!r} is not one of {list(DIVERGENCES)}")
-
-
-def normalized_entropy(log_probs: Tensor) -> Tensor:
-    """Entropy over the last axis divided by log K, in [0, 1]."""
-    k = log_probs.shape[-1]
-    return -(log_probs.exp() * log_probs).sum(-1) / math.log(k)
 
 
 def _per_sample(values: Tensor, task: str, reduce: str) -> Tensor:
@@ -177,6 +129,23 @@ def _build_pcee(task: str, num_layers: int, tau: float = 0.3, patience: int = 2,
     return _counter_step(_confidence_signal(task, tau, "entropy"), patience)
 
 
+def _build_gate(
+    task: str,
+    num_layers: int,
+    tau: float = 0.9,
+    gate: dict[str, Any] | None = None,
+    layers: tuple[int, ...] = (),
+    **_: Any,
+):
+    if task != SINGLE:
+        raise PolicyError("the gate rule is defined for single-label classification")
+    if gate is None:
+        raise PolicyError("the gate rule needs a fitted gate: badge calibrate --rule gate fits one")
+    if layers and len(gate["bias"]) != len(layers) - 1:
+        raise PolicyError(f"the gate was fitted for {len(gate['bias']) + 1} exits; this model has {len(layers)}")
+    return gate_step(gate, tau)
+
+
 def _build_static(task: str, num_layers: int, k: int = 1, layers: tuple[int, ...] = (), **_: Any):
     def step(logits: Tensor, state: State, position: int, labels: Tensor | None = None) -> tuple[Tensor, State]:
         layer = layers[position] if layers else position + 1
@@ -204,8 +173,9 @@ def _build_oracle(task: str, num_layers: int, **_: Any):
     return step
 
 
-_GRID_SMALL = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
-_GRID_ENTROPY = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+_GRID_SMALL = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # xjsd needs the top
+# Grids run to thresholds at which nearly every text leaves, so a rule's reach is the rule's, not the grid's.
+_GRID_ENTROPY = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0)
 RULES: dict[str, RuleSpec] = {
     spec.name: spec
     for spec in (
@@ -222,7 +192,7 @@ RULES: dict[str, RuleSpec] = {
             "largest probability above tau",
             _build_maxprob,
             ("tau",),
-            {"tau": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
+            {"tau": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
         ),
         RuleSpec(
             "patience",
@@ -237,6 +207,13 @@ RULES: dict[str, RuleSpec] = {
             _build_pcee,
             ("tau", "patience"),
             {"tau": _GRID_ENTROPY, "patience": (2,)},
+        ),
+        RuleSpec(
+            "gate",
+            "learned agreement gate over confidence and divergence features; can leave at the first exit (BADGE v2)",
+            _build_gate,
+            ("tau", "gate"),
+            {"tau": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
         ),
         RuleSpec("static", "always leave at layer k (`static:k`)", _build_static, ("k",), {"k": tuple(range(1, 25))}),
         RuleSpec("full", "never leave early: every layer runs", _build_full, ()),
@@ -263,6 +240,7 @@ class ExitPolicy:
     patience: int | None = None
     divergence: str | None = None
     k: int | None = None
+    gate: dict[str, Any] | None = None  # the fitted gate of rule `gate` (see badge.gate)
 
     def __post_init__(self) -> None:
         if ":" in self.rule:
@@ -276,8 +254,13 @@ class ExitPolicy:
             self.rule = base
         if self.rule not in RULES:
             raise PolicyError(f"unknown exit rule {self.rule!r}; expected one of {names()}")
+        for key, kinds, expected in (("tau", (int, float), "a number"), ("patience", (int,), "an integer"),
+                                     ("k", (int,), "an integer layer")):  # fmt: skip
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise PolicyError(f"{key} {value!r} must be {expected}")
         spec = RULES[self.rule]
-        given = {key for key in ("tau", "patience", "divergence", "k") if getattr(self, key) is not None}
+        given = {key for key in ("tau", "patience", "divergence", "k", "gate") if getattr(self, key) is not None}
         unused = given - set(spec.params) - ({"tau"} if self.rule == "patience" else set())
         if unused:
             raise PolicyError(f"rule {self.rule!r} takes {list(spec.params) or 'no parameters'}, not {sorted(unused)}")
@@ -293,10 +276,17 @@ class ExitPolicy:
             raise PolicyError("rule 'static' needs k, as in static:3")
         if self.divergence is not None and self.divergence not in DIVERGENCES:
             raise PolicyError(f"divergence {self.divergence!r} is not one of {list(DIVERGENCES)}")
+        if self.rule == "gate" and self.tau is not None and not 0 <= self.tau <= 1:
+            raise PolicyError(f"tau {self.tau} for rule 'gate' is a probability: it must lie in [0, 1]")
+        if self.gate is not None:
+            try:
+                check_gate(self.gate)
+            except ValueError as error:
+                raise PolicyError(str(error)) from error
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any]) -> ExitPolicy:
-        unknown = set(settings) - {"rule", "tau", "patience", "divergence", "k"}
+        unknown = set(settings) - {"rule", "tau", "patience", "divergence", "k", "gate"}
         if unknown:
             raise PolicyError(f"exit policy has unknown keys {sorted(unknown)}")
         return cls(**settings)
@@ -310,6 +300,8 @@ class ExitPolicy:
 
     def build(self, task: str, exit_layers: list[int]) -> Step:
         """The rule's step function for a model with these (1-based) exit layers."""
+        if self.k is not None and self.k > exit_layers[-1]:
+            raise PolicyError(f"static layer k {self.k} is beyond this model's {exit_layers[-1]} layers")
         params = {key: value for key, value in self.to_dict().items() if key != "rule"}
         return RULES[self.rule].build(task, exit_layers[-1], layers=tuple(exit_layers), **params)
 
@@ -327,7 +319,8 @@ class ExitPolicy:
         return list(exit_layers)
 
     def __str__(self) -> str:
-        params = ", ".join(f"{key}={value}" for key, value in self.to_dict().items() if key != "rule")
+        shown = {**self.to_dict(), **({"gate": f"<{len(self.gate['bias'])} exits>"} if self.gate else {})}
+        params = ", ".join(f"{key}={value}" for key, value in shown.items() if key != "rule")
         return f"{self.rule}({params})"
 
 

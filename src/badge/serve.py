@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,8 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, HTTPException
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -39,6 +42,9 @@ from badge.rules import ExitPolicy, PolicyError, names
 logger = logging.getLogger(__name__)
 
 
+MAX_PATIENCE = 1024  # far above any model's exits; larger numbers would overflow the engine's counters
+
+
 # ----- request and response bodies -----------------------------------------------------------
 class PolicySettings(BaseModel):
     """An exit policy in a request; checked by `ExitPolicy` (unknown rule, parameter out of range)."""
@@ -46,10 +52,12 @@ class PolicySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rule: str = Field(description=f"exit rule, one of {[name for name in names() if name != 'oracle']}")
-    tau: float | None = Field(default=None, description="threshold of the rule")
-    patience: int | None = Field(default=None, description="exits the signal must hold for")
+    tau: float | None = Field(default=None, strict=True, allow_inf_nan=False, description="threshold of the rule")
+    patience: int | None = Field(
+        default=None, strict=True, le=MAX_PATIENCE, description="exits the signal must hold for"
+    )
     divergence: str | None = Field(default=None, description="divergence of rule `dge`: jsd, kl, rkl, skl, xjsd")
-    k: int | None = Field(default=None, description="the layer of rule `static`")
+    k: int | None = Field(default=None, strict=True, description="the layer of rule `static`")
     _policy: ExitPolicy = PrivateAttr()
 
     @model_validator(mode="after")
@@ -369,11 +377,34 @@ def _check_texts(name: str, values: str | list[str], max_texts: int, max_chars: 
     if len(texts) > max_texts:
         raise _invalid([name], f"{name} has {len(texts)} texts; the limit is {max_texts} per request")
     for index, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise _invalid(
+                [name, index],
+                f"{name}[{index}] holds a lone surrogate at character {error.start}; expected Unicode text",
+            ) from None
         if not text.strip():
             raise _invalid([name, index], f"{name}[{index}] is empty or only whitespace")
         if len(text) > max_chars:
             raise _invalid([name, index], f"{name}[{index}] has {len(text)} characters; the limit is {max_chars}")
     return texts
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities written as strings, so that an error echoing them is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+async def _validation_error(request: Any, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 for an invalid body, also when the body held NaN or Infinity (which JSON cannot echo)."""
+    return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, status_code=422)
 
 
 def _check_servable(policy: ExitPolicy, model: MultiExitModel) -> None:
@@ -413,7 +444,7 @@ def create_app(
     max_chars: int = 2000,
     max_body_bytes: int = 1_000_000,
     request_timeout_s: float = 30.0,
-    max_length: int = 128,
+    max_length: int | None = None,
     allowed_rules: list[str] | None = None,
     force_policy: ExitPolicy | None = None,
 ) -> FastAPI:
@@ -428,7 +459,7 @@ def create_app(
         max_chars: most characters in one text (more: 422).
         max_body_bytes: largest request body (more: 413).
         request_timeout_s: a request not answered in time gets a 504.
-        max_length: tokens per text (longer texts are truncated).
+        max_length: tokens per text (longer texts are truncated); None = what the model was trained with.
         allowed_rules: exit rules a request may choose; None = every rule but `oracle`. The server's
             own default policy is always allowed.
         force_policy: run every request with this policy instead of the model's default; a request
@@ -436,7 +467,7 @@ def create_app(
     Returns:
         The FastAPI app; the batcher starts with the app's lifespan (uvicorn, or `with TestClient(app)`).
     """
-    if min(max_batch_size, max_texts, max_chars, max_body_bytes, max_length) < 1:
+    if min(max_batch_size, max_texts, max_chars, max_body_bytes, 1 if max_length is None else max_length) < 1:
         raise ValueError("max_batch_size, max_texts, max_chars, max_body_bytes and max_length must be >= 1")
     if max_wait_ms < 0 or request_timeout_s <= 0:
         raise ValueError(f"max_wait_ms {max_wait_ms} must be >= 0 and request_timeout_s {request_timeout_s} > 0")
@@ -471,6 +502,7 @@ def create_app(
         description="Classify texts with an early-exit encoder; concurrent requests share batches.",
         lifespan=lifespan,
     )
+    app.add_exception_handler(RequestValidationError, _validation_error)
 
     def resolve_policy(settings: PolicySettings | None) -> ExitPolicy:
         if settings is None:

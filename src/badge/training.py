@@ -8,8 +8,10 @@ position as JSON) is written atomically to `OUTPUT/checkpoint` every `save_steps
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 from badge.data import TextDataset
 from badge.evaluation import collect_exit_logits, make_loader
+from badge.folders import ordinary_mode
 from badge.metrics import exit_table, per_exit_metrics, primary_metric_name
 from badge.modeling import MultiExitModel, replace_directory
 
@@ -58,6 +61,7 @@ class TrainingArguments:
     seed: int = 0
     save_steps: int = 200
     resume: bool = False
+    overwrite: bool = False
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -65,8 +69,16 @@ class TrainingArguments:
             raise ValueError(f"scheme {self.scheme!r} is not one of {list(SCHEMES)}")
         if self.epochs <= 0:
             raise ValueError(f"epochs {self.epochs} must be > 0")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size {self.batch_size} must be >= 1")
+        for name, least in (("batch_size", 1), ("eval_batch_size", 1), ("save_steps", 1), ("max_length", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} {value!r} must be an integer >= {least}")
+        for name in ("encoder_lr", "head_lr", "weight_decay", "warmup_ratio"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} {value} must be a finite number >= 0")
+        if not math.isfinite(self.epochs):
+            raise ValueError(f"epochs {self.epochs} must be a finite number > 0")
 
 
 @dataclass
@@ -115,6 +127,114 @@ def _param_groups(model: MultiExitModel, args: TrainingArguments, stage: int) ->
     ]
 
 
+def check_run_folder(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds one, unless told to `resume` it or `overwrite` it.
+
+    Raises `RunFolderError` naming the folder, what it holds and the two options.
+    """
+    output = Path(output_dir)
+    if resume and overwrite:
+        raise RunFolderError("give --resume (continue the run) or --overwrite (start over), not both")
+    if output.exists() and not output.is_dir():
+        raise RunFolderError(f"--output {output} is a file; expected a run folder")
+    held = [name for name in (BEST, CHECKPOINT) if (output / name).exists()]
+    if held and not (resume or overwrite):
+        raise RunFolderError(
+            f"--output {output} already holds a run ({', '.join(name + '/' for name in held)}); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+
+
+class TrainingDiverged(ValueError):
+    """The loss stopped being a finite number; training stopped before the bad weights were saved."""
+
+
+class RunFolderError(ValueError):
+    """A run folder that does not fit the request (a run already there, or no checkpoint to resume)."""
+
+
+# Settings a resumed run must share with its checkpoint: each changes which examples come next or the schedule.
+RESUME_SETTINGS = (
+    "scheme",
+    "epochs",
+    "batch_size",
+    "encoder_lr",
+    "head_lr",
+    "weight_decay",
+    "warmup_ratio",
+    "max_length",
+    "seed",
+    "max_steps",
+)
+# Model settings a resumed run must share with its checkpoint (the encoder is compared as a whole).
+RESUME_MODEL_SETTINGS = (
+    "num_labels",
+    "id2label",
+    "problem_type",
+    "exit_layers",
+    "use_bypass",
+    "bypass_dim",
+    "block_size",
+    "gamma",
+    "pooling",
+    "loss_weights",
+)
+_VOLATILE_BACKBONE_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
+
+
+def data_fingerprint(dataset: TextDataset) -> str:
+    """sha256 of a dataset's texts, pairs and labels, in order: two runs see the same examples iff it matches."""
+    digest = hashlib.sha256()
+    for text, pair, label in zip(
+        dataset.texts, dataset.text_pairs or [None] * len(dataset), dataset.labels or [None] * len(dataset), strict=True
+    ):
+        digest.update(json.dumps([text, pair, label]).encode())
+    return digest.hexdigest()
+
+
+def resume_mismatches(
+    loop_state: dict[str, Any], saved: MultiExitModel, model: MultiExitModel, args: TrainingArguments, run: dict
+) -> list[str]:
+    """What differs between a checkpoint (its loop state and model) and the run asked to resume it.
+
+    `run` holds this run's `processes` and `data` fingerprints. Returns one line per difference.
+    """
+    before, now = loop_state.get("args", {}), asdict(args)
+    found = [
+        f"{name} {before[name]!r} (this run: {now[name]!r})"
+        for name in RESUME_SETTINGS
+        if name in before and before[name] != now[name]
+    ]
+    for key, value in run.items():
+        if key in loop_state and loop_state[key] != value:
+            what = "processes" if key == "processes" else "training and validation data (file, sample or split)"
+            found.append(what if key == "data" else f"{what} {loop_state[key]!r} (this run: {value!r})")
+
+    def backbone(config: Any) -> dict:  # as config.json holds it (JSON keys are strings)
+        kept = {k: v for k, v in config.backbone.items() if k not in _VOLATILE_BACKBONE_KEYS}
+        return json.loads(json.dumps(kept, default=str))
+
+    if backbone(saved.config) != backbone(model.config):
+        shown = {k: backbone(saved.config).get(k) for k in ("model_type", "hidden_size", "num_hidden_layers")}
+        found.append(f"encoder {shown} (this run's encoder differs)")
+    for name in RESUME_MODEL_SETTINGS:
+        old, new = (json.loads(json.dumps(getattr(c.config, name, None), default=str)) for c in (saved, model))
+        if old != new:
+            found.append(f"{name} {old!r} (this run: {new!r})")
+    return found
+
+
+def tidy_run_folder(output: Path) -> None:
+    """Undo what a kill while checkpointing leaves: a complete `.checkpoint.old` becomes the checkpoint again
+    when the checkpoint is missing; unfinished `.checkpoint.*` staging folders (ours by name) are removed."""
+    checkpoint, old = output / CHECKPOINT, output / f".{CHECKPOINT}.old"
+    if not checkpoint.exists() and (old / STATE_FILE).is_file() and (old / "model").is_dir():
+        os.replace(old, checkpoint)  # killed between the two renames of `replace_directory`
+    for debris in output.glob(f".{CHECKPOINT}.*"):
+        if debris.is_dir():
+            shutil.rmtree(debris, ignore_errors=True)
+
+
 # ----- atomic checkpoints --------------------------------------------------------------------
 def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Write optimizer state as safetensors (tensors) plus JSON (hyper-parameters): nothing pickled."""
@@ -142,6 +262,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 def _write_checkpoint(model: MultiExitModel, optimizer: Any, loop_state: dict[str, Any], target: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(ordinary_mode(directory=True))  # mkdtemp makes it 0700
     try:
         model.save_pretrained(staging / "model")
         save_optimizer(optimizer, staging)
@@ -170,9 +291,16 @@ def train(
     console = console or Console(stderr=True)
     main = accelerator.is_main_process
     output = Path(args.output_dir)
+    check_run_folder(output, args.resume, args.overwrite)
     if main:
         output.mkdir(parents=True, exist_ok=True)
+        tidy_run_folder(output)
+    accelerator.wait_for_everyone()
     checkpoint = output / CHECKPOINT
+    run = {
+        "processes": accelerator.num_processes,
+        "data": {"train": data_fingerprint(train_data), "validation": data_fingerprint(validation_data)},
+    }
     loop_state: dict[str, Any] = {
         "epoch": 0,
         "step_in_epoch": 0,
@@ -180,18 +308,30 @@ def train(
         "best": -math.inf,
         "history": [],
         "args": asdict(args),
+        **run,
     }
     if args.resume:
         if not (checkpoint / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint} to resume from")
         loop_state = json.loads((checkpoint / STATE_FILE).read_text())
         saved = MultiExitModel.from_pretrained(checkpoint / "model")
+        mismatches = resume_mismatches(loop_state, saved, model, args, run)
+        if mismatches:
+            raise RunFolderError(
+                f"--resume: the checkpoint in {checkpoint} was written with "
+                + "; ".join(mismatches)
+                + ". Resume with the checkpoint's settings, or start over with --overwrite"
+            )
         model.load_state_dict(saved.state_dict())
+        loop_state.update(args=asdict(args), **run)  # settings that do not matter (save_steps) may change
         if main:
             console.print(
                 f"resuming from {checkpoint} at epoch {loop_state['epoch'] + 1}, step {loop_state['global_step']}"
             )
     set_seed(args.seed + loop_state["global_step"])
+    # Saved with every checkpoint: later commands tokenise as training did and can refuse overlapping splits.
+    model.config.max_seq_length = model.max_length(args.max_length)
+    model.config.training_data = {"train": train_data.origin, "validation": validation_data.origin}
     tokenizer = model.tokenizer
     task = model.config.problem_type
     metric_name = primary_metric_name(task)
@@ -243,6 +383,7 @@ def train(
             ddp_model.train()
             for batch in batches:
                 out = ddp_model(**batch, exit_weights=weights)
+                _stop_if_diverged(accelerator, out.loss, loop_state, checkpoint, output)
                 accelerator.backward(out.loss)
                 optimizer.step()
                 scheduler.step()
@@ -262,6 +403,31 @@ def train(
         progress.close()
     accelerator.wait_for_everyone()
     return TrainingResult(best_dir=output / BEST, best_metric=loop_state["best"], history=loop_state["history"])
+
+
+def _stop_if_diverged(
+    accelerator: Accelerator, loss: torch.Tensor, loop_state: dict, checkpoint: Path, output: Path
+) -> None:
+    """Raise `TrainingDiverged` (on every process) when any process's loss is NaN or infinite.
+
+    Checked before the backward pass, so the weights that gave the loss are neither updated nor saved:
+    the last checkpoint and `best` stay as they were.
+    """
+    losses = accelerator.gather(loss.detach().reshape(1))  # (processes,)
+    if bool(torch.isfinite(losses).all()):
+        return
+    saved = checkpoint / STATE_FILE
+    kept = (
+        f"the last checkpoint ({checkpoint}, step {json.loads(saved.read_text())['global_step']})"
+        if saved.is_file()
+        else "no checkpoint (none was written yet)"
+    )
+    best = f"{output / BEST} is unchanged" if (output / BEST).is_dir() else f"no {BEST} model was saved"
+    raise TrainingDiverged(
+        f"the training loss became {losses[~torch.isfinite(losses)][0].item()} at step "
+        f"{loop_state['global_step'] + 1} (epoch {loop_state['epoch'] + 1}); training stopped. Kept {kept}; {best}. "
+        "Lower --encoder-lr / --head-lr and start over with --overwrite"
+    )
 
 
 def _checkpoint(
