@@ -12,6 +12,7 @@ from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 from transformers import BertConfig
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
+from badge.gate import fit_gate
 from badge.onnx_engine import OnnxEarlyExitEngine, OnnxMultiExitModel, export_onnx, load_engine
 from badge.pruning import prune_heads
 from badge.quantize import quantize_torch
@@ -95,11 +96,20 @@ def onnx_engines(exported):
     return get
 
 
+def gate_policy(model: MultiExitModel, inputs: tuple[torch.Tensor, torch.Tensor]) -> ExitPolicy:
+    """The agreement gate, fitted on the model's own exit logits (no labels needed)."""
+    with torch.no_grad():
+        logits = torch.stack(model(*inputs).exit_logits, dim=1)  # (N, E, K)
+    return ExitPolicy("gate", tau=0.5, gate=fit_gate(logits))
+
+
 @pytest.mark.parametrize("graph", ["one", "layers"])
-@pytest.mark.parametrize("policy", POLICIES, ids=str)
+@pytest.mark.parametrize("policy", [*POLICIES, "gate"], ids=str)
 @pytest.mark.parametrize("batch_size", [1, 16])
 def test_onnx_engine_answers_as_the_pytorch_engine(model, onnx_engines, inputs, policy, batch_size, graph) -> None:
     ids, mask = inputs
+    if policy == "gate":
+        policy = gate_policy(model, inputs)
     expected_engine = EarlyExitEngine(model, policy, batch_size=batch_size)
     onnx_engine = onnx_engines(policy, graph)
     onnx_engine.batch_size = batch_size
