@@ -12,6 +12,7 @@ from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 from transformers import BertConfig
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
+from badge.gate import fit_gate
 from badge.onnx_engine import OnnxEarlyExitEngine, OnnxMultiExitModel, export_onnx, load_engine
 from badge.pruning import prune_heads
 from badge.quantize import quantize_torch
@@ -71,22 +72,63 @@ def test_every_exit_of_the_export_gives_the_pytorch_logits(model, exported, inpu
         torch.testing.assert_close(onnx_logits, torch_logits, atol=1e-4, rtol=1e-4, msg=f"exit {layer}")
 
 
-@pytest.mark.parametrize(
-    "policy",
-    [ExitPolicy("dge", tau=0.05), ExitPolicy("entropy", tau=0.9), ExitPolicy("patience", patience=1), None],
-    ids=str,
-)
+POLICIES = [
+    ExitPolicy("dge", tau=0.05),
+    ExitPolicy("dge", tau=0.05, patience=2, divergence="kl"),
+    ExitPolicy("entropy", tau=0.9),
+    ExitPolicy("patience", patience=1),
+    ExitPolicy("static:2"),
+    None,
+]
+
+
+@pytest.fixture(scope="module")
+def onnx_engines(exported):
+    """One engine per (policy, graph mode), built once: the one graph exports the rule when it is built."""
+    built = {}
+
+    def get(policy: ExitPolicy | None, graph: str) -> OnnxEarlyExitEngine:
+        key = (str(policy), graph)
+        if key not in built:
+            built[key] = OnnxEarlyExitEngine(exported, policy, graph=graph)
+        return built[key]
+
+    return get
+
+
+def gate_policy(model: MultiExitModel, inputs: tuple[torch.Tensor, torch.Tensor]) -> ExitPolicy:
+    """The agreement gate, fitted on the model's own exit logits (no labels needed)."""
+    with torch.no_grad():
+        logits = torch.stack(model(*inputs).exit_logits, dim=1)  # (N, E, K)
+    return ExitPolicy("gate", tau=0.5, gate=fit_gate(logits))
+
+
+@pytest.mark.parametrize("graph", ["one", "layers"])
+@pytest.mark.parametrize("policy", [*POLICIES, "gate"], ids=str)
 @pytest.mark.parametrize("batch_size", [1, 16])
-def test_onnx_engine_answers_as_the_pytorch_engine(model, exported, inputs, policy, batch_size) -> None:
+def test_onnx_engine_answers_as_the_pytorch_engine(model, onnx_engines, inputs, policy, batch_size, graph) -> None:
     ids, mask = inputs
+    if policy == "gate":
+        policy = gate_policy(model, inputs)
     expected_engine = EarlyExitEngine(model, policy, batch_size=batch_size)
-    onnx_engine = OnnxEarlyExitEngine(exported, policy, batch_size=batch_size)
+    onnx_engine = onnx_engines(policy, graph)
+    onnx_engine.batch_size = batch_size
+    onnx_engine.layers_run = onnx_engine.exits_run = 0
     expected = expected_engine.run(ids, mask)
     answered = onnx_engine.run(ids, mask)
     assert answered.labels == expected.labels
     assert torch.equal(answered.exit_layers, expected.exit_layers)
     torch.testing.assert_close(answered.probs, expected.probs, atol=1e-4, rtol=0)
     assert onnx_engine.layers_run == expected_engine.layers_run
+    assert onnx_engine.exits_run == expected_engine.exits_run
+
+
+def test_graph_mode_is_checked_and_oracle_runs_layer_by_layer(exported) -> None:
+    with pytest.raises(ValueError, match="graph 'single' is not one of"):
+        OnnxEarlyExitEngine(exported, graph="single")
+    assert OnnxEarlyExitEngine(exported, ExitPolicy("oracle")).graph == "layers"  # the rule reads labels
+    with pytest.raises(ValueError, match="needs labels"):
+        OnnxEarlyExitEngine(exported, ExitPolicy("oracle"), graph="one")
 
 
 def test_export_folder_describes_itself_and_classifies_text(model, exported) -> None:
@@ -127,13 +169,19 @@ def test_pruned_int8_export_keeps_the_exit_policy_and_stays_close(inputs, tmp_pa
     assert manifest["quantized"] == "int8" and manifest["heads_kept"] == model.config.heads_kept
     layer_ops = {node.op_type for node in onnx.load(str(folder / "layer_1.onnx")).graph.node}
     assert "MatMulInteger" in layer_ops  # int8 weights, activations quantised per batch
-    engine = load_engine(folder)
-    assert engine.policy == ExitPolicy(**POLICY)
+    engine = load_engine(folder, batch_size=1)
+    assert engine.policy == ExitPolicy(**POLICY) and engine.graph == "one"
     ids, mask = inputs
     answered = engine.run(ids, mask)
     expected = EarlyExitEngine(model).run(ids, mask)
     assert (torch.tensor(answered.labels) == torch.tensor(expected.labels)).float().mean() >= 0.9
     assert (answered.probs - expected.probs).abs().max() < 0.05
+    # Activations are quantised per call over the whole batch: row by row, the one graph and the
+    # pieces run one by one see the same tensors, so they answer alike.
+    by_pieces = OnnxEarlyExitEngine(folder, batch_size=1, graph="layers").run(ids, mask)
+    assert answered.labels == by_pieces.labels
+    assert torch.equal(answered.exit_layers, by_pieces.exit_layers)
+    torch.testing.assert_close(answered.probs, by_pieces.probs, atol=1e-4, rtol=0)
 
 
 def test_quantize_torch_makes_an_int8_copy_that_early_exits(model, inputs) -> None:

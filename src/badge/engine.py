@@ -53,6 +53,12 @@ def predictions_from_logits(logits: torch.Tensor, task: str) -> tuple[list, torc
     return probs.argmax(-1).tolist(), probs
 
 
+def check_right_padded(attention_mask: torch.Tensor) -> None:
+    """Raise ValueError unless every row of the (B, T) mask has its real tokens first."""
+    if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be right-padded (real tokens first); tokenise with padding_side='right'")
+
+
 @dataclass
 class _Rows:
     """Rows in flight between two layers: hidden states, mask, input row ids and the rule's per-row state.
@@ -191,10 +197,7 @@ class EarlyExitEngine:
         """
         if self.policy.needs_labels and labels is None:
             raise ValueError(f"policy {self.policy} needs labels")
-        if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            raise ValueError(
-                "attention_mask must be right-padded (real tokens first); tokenise with padding_side='right'"
-            )
+        check_right_padded(attention_mask)
         backend = self.model
         device = self.device
         n = input_ids.shape[0]

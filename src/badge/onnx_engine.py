@@ -10,8 +10,9 @@
 
 Batch and sequence axes are dynamic, and each layer graph builds its attention mask from the 2-D
 padding mask itself, so the engine can drop rows and trim padding between layers exactly as the
-PyTorch engine does. `OnnxEarlyExitEngine` is `EarlyExitEngine` driving ONNX Runtime sessions
-instead of torch modules: same rules, same batching, same outputs.
+PyTorch engine does. `OnnxEarlyExitEngine` runs the pieces joined into one graph with the exit rule
+inside (`badge.onnx_graph`, one session call per batch), or, with `graph="layers"`, drives one
+session per piece as `EarlyExitEngine` drives torch modules: same rules, same outputs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from badge.engine import EarlyExitEngine
+from badge.engine import EarlyExitEngine, EngineOutput, check_right_padded, predictions_from_logits
 from badge.folders import TOKENIZER_FILES, load_tokenizer, save_folder
 from badge.modeling import AttentionInputs, MultiExitModel
+from badge.onnx_graph import EarlyExitGraph
 from badge.quantize import check_mode, quantize_onnx
 from badge.rules import ExitPolicy
 
@@ -39,6 +42,7 @@ FORMAT = "badge-onnx"  # the `format` key of a manifest
 OPSET = 18
 FAMILIES_WITHOUT_TOKEN_TYPES = ("distilbert", "mpnet")
 ENGINES = ("auto", "torch", "onnx")
+GRAPH_MODES = ("auto", "one", "layers")
 _EXPORTER_REGISTRY_LOG = logging.getLogger("torch.onnx._internal.exporter._registration")
 
 
@@ -234,27 +238,42 @@ class OnnxMultiExitModel:
     """
 
     def __init__(self, export_dir: str | Path, num_threads: int | None = None) -> None:
-        folder = Path(export_dir)
-        self.config = Manifest.read(folder)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
+        self.folder = Path(export_dir)
+        self.config = Manifest.read(self.folder)
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.inter_op_num_threads = 1
         # One session per piece means a dozen thread pools. Spinning idle threads (ONNX Runtime's
         # default) then fight over the cores with the session that runs: 5x slower on 2 cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if num_threads is not None:
-            options.intra_op_num_threads = num_threads
-        files = self.config.files
+            self.options.intra_op_num_threads = num_threads
+        has_tokenizer = any((self.folder / name).is_file() for name in TOKENIZER_FILES)
+        self.tokenizer = load_tokenizer(self.folder) if has_tokenizer else None
 
-        def session(name: str) -> ort.InferenceSession:
-            return ort.InferenceSession(folder / name, options, providers=["CPUExecutionProvider"])
+    # The sessions open on first use: where `EarlyExitGraph` runs the export, they are never needed.
+    def _session(self, name: str) -> ort.InferenceSession:
+        return ort.InferenceSession(self.folder / name, self.options, providers=["CPUExecutionProvider"])
 
-        self.embeddings = session(files["embeddings"])
-        self.layers = [session(name) for name in files["layers"]]
-        self.exits = {int(layer): session(name) for layer, name in files["exits"].items()}
-        self.embedding_inputs = {node.name for node in self.embeddings.get_inputs()}
-        self.exit_inputs = {layer: {node.name for node in s.get_inputs()} for layer, s in self.exits.items()}
-        self.tokenizer = load_tokenizer(folder) if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
+    @cached_property
+    def embeddings(self) -> ort.InferenceSession:
+        return self._session(self.config.files["embeddings"])
+
+    @cached_property
+    def layers(self) -> list[ort.InferenceSession]:
+        return [self._session(name) for name in self.config.files["layers"]]
+
+    @cached_property
+    def exits(self) -> dict[int, ort.InferenceSession]:
+        return {int(layer): self._session(name) for layer, name in self.config.files["exits"].items()}
+
+    @cached_property
+    def embedding_inputs(self) -> set[str]:
+        return {node.name for node in self.embeddings.get_inputs()}
+
+    @cached_property
+    def exit_inputs(self) -> dict[int, set[str]]:
+        return {layer: {node.name for node in s.get_inputs()} for layer, s in self.exits.items()}
 
     @property
     def num_layers(self) -> int:
@@ -312,12 +331,18 @@ def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> Any:
 class OnnxEarlyExitEngine(EarlyExitEngine):
     """`EarlyExitEngine` on ONNX Runtime: per-sample exits, rows dropped and padding trimmed as they leave.
 
+    Two ways to run an export, with the same answers:
+    `one`: one graph with the exit rule inside (`badge.onnx_graph`), one session call per batch;
+    `layers`: a session call per layer and per exit, survivors pooled across batches as in
+    `EarlyExitEngine`. `auto` picks `one` unless the policy needs labels (`oracle`).
+
     Args:
         export_dir: a folder written by `export_onnx`.
         policy: the exit policy; default the one stored in the manifest.
         batch_size: rows per batch.
         num_threads: ONNX Runtime intra-op threads per session (None = ONNX Runtime's default).
         sort_by_length: batch samples of similar length together (results are unchanged).
+        graph: `auto`, `one` or `layers`.
     """
 
     def __init__(
@@ -327,8 +352,60 @@ class OnnxEarlyExitEngine(EarlyExitEngine):
         batch_size: int = 32,
         num_threads: int | None = None,
         sort_by_length: bool = True,
+        graph: str = "auto",
     ) -> None:
-        super().__init__(OnnxMultiExitModel(export_dir, num_threads), policy, batch_size, sort_by_length=sort_by_length)
+        if graph not in GRAPH_MODES:
+            raise ValueError(f"graph {graph!r} is not one of {list(GRAPH_MODES)}")
+        manifest = Manifest.read(Path(export_dir))
+        chosen = policy if policy is not None else ExitPolicy.from_dict(manifest.exit_policy)
+        if graph == "auto":
+            graph = "layers" if chosen.needs_labels else "one"
+        self.graph = graph
+        model = OnnxMultiExitModel(export_dir, num_threads)
+        super().__init__(model, chosen, batch_size, sort_by_length=sort_by_length)
+        self.early_exit_graph = None
+        if graph == "one":
+            config = model.config
+            self.early_exit_graph = EarlyExitGraph(
+                model.folder,
+                config.files,
+                config.task,
+                config.exit_layers,
+                config.num_labels,
+                config.opset,
+                chosen,
+                num_threads,
+            )
+
+    @torch.inference_mode()
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> EngineOutput:
+        """As `EarlyExitEngine.run`; with `graph='one'`, each batch of `batch_size` rows is one session call."""
+        if self.early_exit_graph is None:
+            return super().run(input_ids, attention_mask, token_type_ids, labels)
+        check_right_padded(attention_mask)
+        n = input_ids.shape[0]
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, stable=True) if self.sort_by_length else torch.arange(n)
+        out_logits = torch.zeros(n, self.model.config.num_labels)
+        out_layers = torch.zeros(n, dtype=torch.long)
+        for start in range(0, n, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = int(lengths[rows].max())
+            types = token_type_ids[rows, :width].long() if token_type_ids is not None else None
+            out_logits[rows], out_layers[rows] = self.early_exit_graph.run(
+                input_ids[rows, :width].long(), attention_mask[rows, :width].long(), types
+            )
+        consulted = torch.tensor(self.early_exit_graph.consulted)
+        self.layers_run += int(out_layers.sum())
+        self.exits_run += int((consulted[None, :] <= out_layers[:, None]).sum())
+        predicted, probs = predictions_from_logits(out_logits, self.task)
+        return EngineOutput(labels=predicted, probs=probs, exit_layers=out_layers, logits=out_logits)
 
 
 def is_onnx_export(path: str | Path) -> bool:
