@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is part of the extra: pip install 'badge[ray]'")
 
 from badge import EarlyExitEngine, MultiExitModel  # noqa: E402
+from badge.data import DataError  # noqa: E402
 from badge.distributed import build_app, input_files, output_files, predict_on_ray, serve_on_ray  # noqa: E402
 from badge.predict import predict_file  # noqa: E402
 
@@ -80,7 +81,7 @@ def one_thread() -> Iterator[None]:
 
 
 def write_inputs(folder: Path) -> Path:
-    """A folder of three inputs: a CSV with rows without text, a JSON Lines file, and an empty CSV."""
+    """A folder of three inputs: a CSV with rows without text, a JSON Lines file, and a CSV with no rows."""
     folder.mkdir()
     rows = [(text,) for text in TEXTS * 3]
     rows[4], rows[17] = ("",), ("   ",)
@@ -95,11 +96,15 @@ def test_ray_data_prediction_writes_the_rows_of_single_process_predict(
     local_ray: None, model_dir: Path, tmp_path: Path, one_thread: None
 ) -> None:
     inputs = write_inputs(tmp_path / "inputs")
+    with pytest.raises(DataError, match="c.csv has a header .* but no data rows"):  # as single-process predict
+        predict_on_ray(model_dir, inputs, tmp_path / "out", batch_size=4, chunk_size=8, workers=2)
+    assert not (tmp_path / "out").exists()  # refused before any work
+    (inputs / "c.csv").unlink()
     summaries = predict_on_ray(model_dir, inputs, tmp_path / "out", batch_size=4, chunk_size=8, workers=2)
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.csv", "b.jsonl", "c.csv"]
-    assert [(summary.rows, summary.errors) for summary in summaries] == [(30, 2), (12, 1), (0, 0)]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a.csv", "b.jsonl"]
+    assert [(summary.rows, summary.errors) for summary in summaries] == [(30, 2), (12, 1)]
     engine = EarlyExitEngine(MultiExitModel.from_pretrained(model_dir), batch_size=4)
-    for name in ("a.csv", "b.jsonl", "c.csv"):
+    for name in ("a.csv", "b.jsonl"):
         expected = tmp_path / f"single-{name}"
         predict_file(engine, inputs / name, expected, batch_size=8)
         assert (tmp_path / "out" / name).read_text() == expected.read_text(), name

@@ -268,6 +268,8 @@ def predict_on_ray(
         )
     files = input_files(Path(source))
     targets = output_files(Path(source), Path(target), files)
+    for path in files:  # a file that cannot be read at all (empty, bad header) is refused before any work
+        next(read_chunks(path, text_column=text_column, text_pair_column=text_pair_column, batch_size=1), None)
     connect(address)
     import ray
 
