@@ -406,45 +406,35 @@ def build_results(plan_name: str, plan: dict, runs_dir: Path) -> dict:
             if len(default_runs) == len(plan["seeds"]):
                 sides_by_dataset[dataset] = sides
             for label, entry in section["default_vs_best_baseline"].items():
-                diff, low, high = entry["difference"]
-                results["comparisons"].append(
-                    {
-                        "what": "rule",
-                        "dataset": dataset,
-                        "backbone": "MiniLM-L6",
-                        "speedup": float(label[:-1]),
-                        "a": entry["a"],
-                        "b": entry["b"],
-                        "a_metric": entry["a_metric"],
-                        "b_metric": entry["b_metric"],
-                        "diff_interval": [low, high],
-                    }
-                )
+                results["comparisons"].append(rule_entry(dataset, label, entry))
         paper_runs = [r for r in done if r.dataset == dataset and r.backbone == "minilm" and r.scheme == "bb"]
         if paper_runs and DEFAULT_SCHEME != "bb":  # the paper's DGE on the paper's bypasses, for reference
             section, _ = rules_section(runs_dir, paper_runs, plan["resamples"])
             results["rules"][f"MiniLM-L6 on {dataset}, bb (v1) models"] = section
     if len(sides_by_dataset) == len(plan["datasets"]):
         for label, entry in pooled(sides_by_dataset, plan["resamples"]).items():
-            diff, low, high = entry["difference"]
-            results["comparisons"].append(
-                {
-                    "what": "rule",
-                    "dataset": "pooled",
-                    "backbone": "MiniLM-L6",
-                    "speedup": float(label[:-1]),
-                    "a": entry["a"],
-                    "b": entry["b"],
-                    "a_metric": entry["a_metric"],
-                    "b_metric": entry["b_metric"],
-                    "diff_interval": [low, high],
-                }
-            )
+            results["comparisons"].append(rule_entry("pooled", label, entry))
     mpnet_runs = [r for r in done if r.backbone == "mpnet"]
     if mpnet_runs:
         section, _ = rules_section(runs_dir, mpnet_runs, plan["resamples"])
         results["rules"][f"MPNet-12 on {mpnet_runs[0].dataset}"] = section
     return results
+
+
+def rule_entry(dataset: str, label: str, entry: dict) -> dict:
+    """One `comparisons` row: the default rule against the strongest baseline at speedup `label` ("2x")."""
+    _, low, high = entry["difference"]
+    return {
+        "what": "rule",
+        "dataset": dataset,
+        "backbone": "MiniLM-L6",
+        "speedup": float(label[:-1]),
+        "a": entry["a"],
+        "b": entry["b"],
+        "a_metric": entry["a_metric"],
+        "b_metric": entry["b_metric"],
+        "diff_interval": [low, high],
+    }
 
 
 def comparison_entry(what, dataset, backbone, speedup, a, b, row, diff, low, high) -> dict:
