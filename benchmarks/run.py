@@ -272,12 +272,15 @@ def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
 
 
 # ----- 2. exit rules -------------------------------------------------------------------------
-def rule_curves(validation: SplitLogits) -> dict[str, list]:
-    """Every rule's settings; the gate is fitted on the validation logits (without their labels)."""
+def rule_curves(validation: SplitLogits, test: SplitLogits) -> dict[str, list]:
+    """Every rule's settings; the gate is fitted on the validation logits (without their labels), and its
+    threshold chosen from cross-fitted exits there (see `FittedGate`)."""
     curves: dict[str, list] = {}
-    policies = default_policies(validation.task, validation.num_layers, gate=fit_gate_for(validation))
-    for curve, policy in policies:
+    for curve, policy in default_policies(validation.task, validation.num_layers):
         curves.setdefault(curve, []).append(policy)
+    fitted = fit_gate_for(validation)
+    if fitted is not None:
+        curves["gate"] = fitted.curve(test)
     return curves
 
 
@@ -294,7 +297,7 @@ def rules_section(runs_dir: Path, runs: list[Run], resamples: int) -> tuple[dict
     comparisons: list[RuleComparison] = []
     for run in runs:
         splits = load_run(runs_dir, run)
-        curves = rule_curves(splits["validation"])
+        curves = rule_curves(splits["validation"], splits["test"])
         comparisons.append(compare_rules(curves, splits["validation"], splits["test"], DEFAULT_RULE, resamples=200))
     first = comparisons[0]
     table = {

@@ -9,8 +9,18 @@ import torch
 from transformers import BertConfig
 
 from badge import ExitPolicy, MultiExitConfig, MultiExitModel
-from badge.comparison import RuleCurve, Scorer, compare_curves, held, mean_over_seeds, paired_bootstrap, upper_hull
-from badge.evaluation import SweepPoint, calibrate, exit_costs, exit_logits_for, sweep
+from badge.comparison import (
+    RuleCurve,
+    Scorer,
+    SplitLogits,
+    compare_curves,
+    held,
+    mean_over_seeds,
+    paired_bootstrap,
+    upper_hull,
+)
+from badge.evaluation import SweepPoint, calibrate, exit_costs, exit_logits_for, fit_gate_for, sweep
+from badge.rules import simulate
 
 
 def point(speedup: float, metric: float, curve: str = "r", **policy) -> SweepPoint:
@@ -138,3 +148,20 @@ def test_stored_logits_come_back_in_input_order_though_batches_are_sorted_by_len
         alone = model(inputs["input_ids"][row : row + 1, : lengths[row]], mask[row : row + 1, : lengths[row]])
         torch.testing.assert_close(logits[row], torch.cat(alone.exit_logits), atol=1e-5, rtol=1e-5)
     assert mean_length == 6
+
+
+def test_the_gate_threshold_is_chosen_from_exits_decided_by_a_gate_fitted_without_those_texts() -> None:
+    torch.manual_seed(3)
+    labels = torch.randint(0, 3, (200,))
+    logits = torch.randn(200, 4, 3) + 3.0 * torch.nn.functional.one_hot(labels, 3)[:, None] * torch.rand(200, 4, 1)
+    split = SplitLogits(logits, labels, [1, 2, 3, 4], "single_label_classification")
+    fitted = fit_gate_for(split)
+    first, second = fitted.halves
+    assert sorted(torch.cat([first, second]).tolist()) == list(range(200))  # two disjoint halves
+    positions = fitted.positions(0.8)
+    half_policy = ExitPolicy("gate", tau=0.8, gate=fitted.half_gates[1])  # fitted on the second half only
+    expected = simulate(logits[first], half_policy, "single_label_classification", [1, 2, 3, 4])
+    assert torch.equal(positions[first], expected)
+    curve = fitted.curve(split)
+    deployed = [policy.gate for _, _, policy in curve.hull if policy.rule == "gate"]
+    assert deployed and all(gate == fitted.gate for gate in deployed)  # what is chosen deploys the full fit

@@ -73,7 +73,11 @@ class Scorer:
     def replay(cls, split: SplitLogits, policy: ExitPolicy) -> Scorer:
         """Replay `policy` over the stored logits of `split`."""
         labels = split.labels if policy.needs_labels else None
-        positions = simulate(split.exit_logits, policy, split.task, split.exit_layers, labels)  # (N,)
+        return cls.at(split, simulate(split.exit_logits, policy, split.task, split.exit_layers, labels))
+
+    @classmethod
+    def at(cls, split: SplitLogits, positions: torch.Tensor) -> Scorer:
+        """The answers of `split` when text n leaves at exit position `positions[n]` (N,)."""
         chosen = split.exit_logits[torch.arange(len(split)), positions]  # (N, K)
         exit_layers = torch.tensor(split.exit_layers, dtype=torch.float32)[positions]  # (N,)
         # Accuracy is a mean over texts: per-text scores make a resample one indexing away.
@@ -376,7 +380,7 @@ def compare_curves(
 
 
 def compare_rules(
-    curves: dict[str, Sequence[ExitPolicy]],
+    curves: dict[str, Sequence[ExitPolicy] | RuleCurve],
     validation: SplitLogits,
     test: SplitLogits,
     reference: str,
@@ -387,12 +391,13 @@ def compare_rules(
     """Compare rules at matched layer speedups, choosing on `validation` and reporting on `test`.
 
     Args:
-        curves: rule (curve) name -> the settings to choose from; `oracle` is reported as a bound only.
+        curves: rule (curve) name -> the settings to choose from (or a ready `RuleCurve`, e.g. one whose
+            validation scores come from cross-fitting); `oracle` is reported as a bound only.
         reference: the curve every other is compared with (difference = other - reference).
         targets: layer speedups to compare at; the largest speedup every rule reaches is added.
     """
     fitted = {
-        name: RuleCurve.replay(name, policies, validation, test)
+        name: policies if isinstance(policies, RuleCurve) else RuleCurve.replay(name, policies, validation, test)
         for name, policies in curves.items()
         if name != "oracle"
     }

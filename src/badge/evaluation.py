@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from badge.comparison import BOOTSTRAP_RESAMPLES, RuleComparison, RuleCurve, SplitLogits, compare_rules
+from badge.comparison import BOOTSTRAP_RESAMPLES, RuleComparison, RuleCurve, Scorer, SplitLogits, compare_rules
 from badge.data import EncodedDataset, TextDataset, collate, encode
 from badge.device import synchronize
 from badge.gate import fit_gate
@@ -117,11 +117,49 @@ def default_policies(
     return policies
 
 
-def fit_gate_for(split: SplitLogits) -> dict[str, Any] | None:
-    """The agreement gate fitted on a split's stored logits (no labels used); None where the rule does not apply."""
-    if split.task != "single_label_classification" or len(split.exit_layers) < 2:
+@dataclass
+class FittedGate:
+    """The agreement gate fitted on a split (the one to deploy), with honest exits on that same split.
+
+    Choosing the gate's threshold on the texts it was fitted on flatters it: there it agrees with the final
+    exit more often than on new texts. `positions(tau)` therefore gives each text's exit under a gate fitted
+    on the other half of the split (2-fold cross-fitting), and choices on this split are made from those.
+    """
+
+    split: SplitLogits
+    gate: dict[str, Any]
+    halves: tuple[torch.Tensor, torch.Tensor]
+    half_gates: tuple[dict[str, Any], dict[str, Any]]
+
+    def policy(self, tau: float) -> ExitPolicy:
+        return ExitPolicy("gate", tau=tau, gate=self.gate)
+
+    def positions(self, tau: float) -> torch.Tensor:
+        """(N,) exit position of every text of the split, each decided by the gate fitted without it."""
+        positions = torch.empty(len(self.split), dtype=torch.long)
+        for held_out, gate in zip(self.halves, self.half_gates[::-1], strict=True):
+            logits = self.split.exit_logits[held_out]
+            policy = ExitPolicy("gate", tau=tau, gate=gate)
+            positions[held_out] = simulate(logits, policy, self.split.task, self.split.exit_layers)
+        return positions
+
+    def curve(self, test: SplitLogits) -> RuleCurve:
+        """The gate's trade-off: chosen from cross-fitted exits on this split, measured on `test`."""
+        taus = RULES["gate"].sweep["tau"]
+        scored = [(self.policy(tau), Scorer.at(self.split, self.positions(tau))) for tau in taus]
+        scored.append((ExitPolicy("full"), Scorer.replay(self.split, ExitPolicy("full"))))
+        return RuleCurve("gate", scored, lambda policy: Scorer.replay(test, policy), self.split.num_layers)
+
+
+def fit_gate_for(split: SplitLogits, seed: int = 0) -> FittedGate | None:
+    """The agreement gate fitted on a split's stored logits (no labels used), with its cross-fitted halves;
+    None where the rule does not apply."""
+    if split.task != "single_label_classification" or len(split.exit_layers) < 2 or len(split) < 4:
         return None
-    return fit_gate(split.exit_logits)
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    halves = (order[: len(split) // 2], order[len(split) // 2 :])
+    half_gates = (fit_gate(split.exit_logits[halves[0]]), fit_gate(split.exit_logits[halves[1]]))
+    return FittedGate(split, fit_gate(split.exit_logits), halves, half_gates)
 
 
 def exit_costs(model: MultiExitModel, seq_len: int) -> torch.Tensor:
@@ -142,10 +180,14 @@ def evaluate_policy(
     model: MultiExitModel,
     costs: torch.Tensor,
     curve: str | None = None,
+    positions: torch.Tensor | None = None,
 ) -> SweepPoint:
-    """Replay one policy over stored exit logits (N, E, K) and measure metric, speedups and FLOPs."""
+    """Replay one policy over stored exit logits (N, E, K) and measure metric, speedups and FLOPs.
+
+    `positions` (N,), when given, are the exits to measure instead (the gate's cross-fitted ones)."""
     task = model.config.problem_type
-    positions = simulate(exit_logits, policy, task, model.exit_layers, labels)
+    if positions is None:
+        positions = simulate(exit_logits, policy, task, model.exit_layers, labels)
     chosen = exit_logits[torch.arange(len(positions)), positions]  # (N, K)
     metric = task_metrics(chosen, labels, task)[primary_metric_name(task)]
     layers = torch.tensor(model.exit_layers, dtype=torch.float32)[positions]
@@ -174,13 +216,27 @@ def sweep(
     labels: torch.Tensor,
     seq_len: int,
     policies: list[tuple[str, ExitPolicy]] | None = None,
+    fitted: FittedGate | None = None,
 ) -> SweepResult:
-    """Every rule's settings replayed over stored logits of one split: the raw points, nothing chosen."""
+    """Every rule's settings replayed over stored logits of one split: the raw points, nothing chosen.
+
+    `fitted`: a gate fitted on this same split, whose points then come from its cross-fitted exits."""
     task = model.config.problem_type
     policies = policies if policies is not None else default_policies(task, model.num_layers)
     costs = exit_costs(model, seq_len)
     full = evaluate_policy(exit_logits, labels, ExitPolicy("full"), model, costs, "full")
-    points = [evaluate_policy(exit_logits, labels, policy, model, costs, curve) for curve, policy in policies]
+    points = [
+        evaluate_policy(
+            exit_logits,
+            labels,
+            policy,
+            model,
+            costs,
+            curve,
+            fitted.positions(policy.tau) if fitted is not None and policy.rule == "gate" else None,
+        )
+        for curve, policy in policies
+    ]
     return SweepResult(primary_metric_name(task), model.num_layers, full.metric, points)
 
 
@@ -322,9 +378,10 @@ def sweep_dataset(
 ) -> SweepResult:
     """Every rule's settings (or `policies`) on one labelled dataset: the model runs once, rules replay."""
     split, _, seq_len = split_logits(model, dataset, model.max_length(max_length), batch_size)
+    fitted = fit_gate_for(split) if policies is None else None
     if policies is None:
-        policies = default_policies(model.config.problem_type, model.num_layers, gate=fit_gate_for(split))
-    return sweep(model, split.exit_logits, split.labels, seq_len, policies)
+        policies = default_policies(model.config.problem_type, model.num_layers, gate=fitted.gate if fitted else None)
+    return sweep(model, split.exit_logits, split.labels, seq_len, policies, fitted)
 
 
 def run_sweep(
@@ -354,10 +411,13 @@ def run_sweep(
     reported_on = chosen_on
     if test is not None:
         reported_on, inputs, seq_len = split_logits(model, test[0], max_length, batch_size)
-    policies = default_policies(task, model.num_layers, gate=fit_gate_for(chosen_on))  # the gate learns on validation
-    curves: dict[str, list[ExitPolicy]] = {}
+    fitted = fit_gate_for(chosen_on)  # the gate learns on validation
+    policies = default_policies(task, model.num_layers, gate=fitted.gate if fitted else None)
+    curves: dict[str, list[ExitPolicy] | RuleCurve] = {}
     for curve, policy in policies:
         curves.setdefault(curve, []).append(policy)
+    if fitted is not None:
+        curves["gate"] = fitted.curve(reported_on)
     reference = reference or curve_name(ExitPolicy.from_dict(model.config.exit_policy))
     if reference not in curves:
         reference = "entropy" if "entropy" in curves else next(iter(curves))
@@ -372,7 +432,10 @@ def run_sweep(
         generator = torch.Generator().manual_seed(seed)
         sample = torch.randperm(len(reported_on), generator=generator)[:timing_samples]
         sampled = {key: value[sample] for key, value in inputs.items()}
-        hull = RuleCurve.replay(reference, curves[reference], chosen_on, reported_on).hull
+        chosen = curves[reference]
+        hull = (
+            chosen if isinstance(chosen, RuleCurve) else RuleCurve.replay(reference, chosen, chosen_on, reported_on)
+        ).hull
         for _, _, policy in tqdm(hull, desc=f"timing {reference}"):
             timed = time_policy(model, policy, sampled, batch_size, repeats)
             report.timed.append((reference, policy.to_dict(), timed.speedup))
