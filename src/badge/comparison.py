@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from badge.metrics import primary_metric_name, task_metrics
 from badge.rules import ExitPolicy, simulate
+from badge.tasks import TASKS, get_task
 
 TARGET_SPEEDUPS = (1.5, 2.0, 3.0)
 AREA_POINTS = 21  # targets, evenly spaced in saved fraction, that an area averages over
@@ -61,11 +61,11 @@ class Scorer:
         per_text: torch.Tensor | None,
         chosen: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        task: str = "single_label_classification",
+        task: str = TASKS[0],
     ) -> None:
         self.exit_layers, self.per_text = exit_layers.float(), per_text
-        self.chosen, self.labels, self.task = chosen, labels, task
-        self.metric_name = primary_metric_name(task)
+        self.chosen, self.labels, self.task = chosen, labels, get_task(task)
+        self.metric_name = self.task.metric.name
         self.mean_exit_layer = float(self.exit_layers.mean())
         self.metric = float(self.on(torch.arange(len(exit_layers))[None])[0])
 
@@ -80,19 +80,15 @@ class Scorer:
         """The answers of `split` when text n leaves at exit position `positions[n]` (N,)."""
         chosen = split.exit_logits[torch.arange(len(split)), positions]  # (N, K)
         exit_layers = torch.tensor(split.exit_layers, dtype=torch.float32)[positions]  # (N,)
-        # Accuracy is a mean over texts: per-text scores make a resample one indexing away.
-        per_text = None
-        if primary_metric_name(split.task) == "accuracy":
-            per_text = 100.0 * (chosen.argmax(-1) == split.labels.long()).float()
+        # A metric that is a mean over texts (accuracy) makes a resample one indexing away.
+        per_text = get_task(split.task).per_text_metric(chosen, split.labels)
         return cls(exit_layers, per_text, chosen, split.labels, split.task)
 
     def on(self, texts: torch.Tensor) -> torch.Tensor:
         """The metric on each row of text indices `texts` (B, N) (repeats allowed): (B,)."""
         if self.per_text is not None:
             return self.per_text[texts].mean(-1)
-        return torch.tensor(
-            [task_metrics(self.chosen[row], self.labels[row], self.task)[self.metric_name] for row in texts]
-        )
+        return self.task.resampled_metric(self.chosen, self.labels, texts)
 
 
 @dataclass
@@ -403,12 +399,12 @@ def compare_rules(
     }
     labelled, results = compare_curves(fitted, reference, len(test), targets, resamples, progress)
     oracle = None
-    if "oracle" in curves and validation.task == "single_label_classification":
+    if "oracle" in curves and get_task(validation.task).allows("oracle"):
         score = Scorer.replay(test, ExitPolicy("oracle"))
         bound = Mixture(ExitPolicy("oracle"), ExitPolicy("oracle"), 1.0)
         oracle = Measured(bound, score.metric, score.mean_exit_layer, test.num_layers, score, score)
     return RuleComparison(
-        primary_metric_name(test.task),
+        get_task(test.task).metric.name,
         test.num_layers,
         Scorer.replay(test, FULL).metric,
         reference,

@@ -10,7 +10,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-TASKS = ("single_label_classification", "multi_label_classification", "regression")
+from badge.tasks import TASKS
+
 POOLINGS = ("cls", "mean")
 LOSS_WEIGHTS = ("uniform", "ascending", "descending")
 BYPASS_INPUTS = ("pooled", "tokens")
@@ -130,7 +131,7 @@ class MultiExitConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         if self.problem_type is None:
-            self.problem_type = "single_label_classification"
+            self.problem_type = TASKS[0]
         if self.problem_type not in TASKS:
             raise ValueError(f"problem_type {self.problem_type!r} is not one of {list(TASKS)}")
 

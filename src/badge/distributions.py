@@ -1,7 +1,7 @@
 """Distributions of an exit's logits in log space, and the divergences between two exits.
 
 Everything is computed from logits with `log_softmax` (or `logsigmoid` per label for multi-label),
-never from rounded probabilities.
+never from rounded probabilities. Which distribution a task's exits give is the task's choice (`badge.tasks`).
 """
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ import torch
 
 Tensor = torch.Tensor
 
-SINGLE = "single_label_classification"
-MULTI = "multi_label_classification"
-REGRESSION = "regression"
 DIVERGENCES = ("jsd", "kl", "rkl", "skl", "xjsd", "argmax")
 
 
 # ----- distributions in log space ------------------------------------------------------------
-def log_distribution(logits: Tensor, task: str) -> Tensor:
-    """Log-probabilities in float32: (B, K) for single-label, (B, K, 2) per-label binary for multi-label."""
+def softmax_log_probs(logits: Tensor) -> Tensor:
+    """Log-probabilities (B, K) in float32 of one distribution over K classes."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def sigmoid_log_probs(logits: Tensor) -> Tensor:
+    """Log-probabilities (B, K, 2) in float32 of K independent binary distributions (label on, label off)."""
     logits = logits.float()
-    if task == MULTI:
-        return torch.stack([torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits)], -1)
-    return torch.log_softmax(logits, dim=-1)
+    return torch.stack([torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits)], -1)
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from badge.config import DEFAULT_MAX_SEQ_LENGTH
 from badge.device import place
 from badge.modeling import AttentionInputs, MultiExitModel
 from badge.rules import ExitPolicy, select_rows
+from badge.tasks import get_task
 
 
 @dataclass
@@ -42,15 +43,9 @@ class EngineOutput:
 
 
 def predictions_from_logits(logits: torch.Tensor, task: str) -> tuple[list, torch.Tensor]:
-    """Labels and probabilities from (N, K) logits for the given task."""
-    if task == "regression":
-        values = logits.float().squeeze(-1)
-        return values.tolist(), values.unsqueeze(-1)
-    if task == "multi_label_classification":
-        probs = torch.sigmoid(logits.float())
-        return [torch.nonzero(row > 0.5).flatten().tolist() for row in probs], probs
-    probs = torch.softmax(logits.float(), dim=-1)
-    return probs.argmax(-1).tolist(), probs
+    """Labels and probabilities from (N, K) logits for the given task (a `problem_type`)."""
+    task_type = get_task(task)
+    return task_type.predictions(logits), task_type.probabilities(logits)
 
 
 def check_right_padded(attention_mask: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from badge.distributions import SINGLE, divergence, log_distribution, normalized_entropy
+from badge.distributions import divergence, normalized_entropy, softmax_log_probs
 
 Tensor = torch.Tensor
 State = dict[str, Tensor]
@@ -31,7 +31,7 @@ FEATURES = ("max_prob", "entropy", "margin", "jsd_previous", "jsd_mixture", "str
 
 def gate_features(logits: Tensor, state: State) -> tuple[Tensor, State]:
     """Features (B, F) of one exit's logits (B, K), given the state left by the previous exits."""
-    log_probs = log_distribution(logits, SINGLE)  # (B, K)
+    log_probs = softmax_log_probs(logits)  # (B, K): the gate is for single-label classification
     probs = log_probs.exp()
     top2 = probs.topk(min(2, probs.shape[-1]), dim=-1).values  # (B, 2)
     margin = top2[:, 0] - (top2[:, 1] if top2.shape[1] > 1 else 0.0)

@@ -1,44 +1,23 @@
-"""Task metrics over logits, and the per-exit table that training and evaluation print."""
+"""Task metrics over logits by `problem_type` (the metrics themselves are in `badge.tasks`), and the per-exit
+table that training and evaluation print."""
 
 from __future__ import annotations
 
 import torch
 from rich.table import Table
 
+from badge.tasks import get_task
+
 
 def primary_metric_name(task: str) -> str:
-    """The metric that model selection and calibration use for a task."""
-    return {"regression": "pearson", "multi_label_classification": "micro_f1"}.get(task, "accuracy")
+    """The metric that model selection and calibration use for a task (a `problem_type`)."""
+    return get_task(task).metric.name
 
 
 def task_metrics(logits: torch.Tensor, labels: torch.Tensor, task: str) -> dict[str, float]:
-    """Metrics (in percent, Pearson as a correlation x 100) of (N, K) logits against labels."""
-    logits = logits.float()
-    if task == "regression":
-        x, y = logits.squeeze(-1), labels.float()
-        x, y = x - x.mean(), y - y.mean()
-        denominator = (x.norm() * y.norm()).clamp(min=1e-12)
-        return {"pearson": 100.0 * float((x * y).sum() / denominator), "mse": float(((x - y) ** 2).mean())}
-    if task == "multi_label_classification":
-        predicted = logits > 0
-        truth = labels > 0.5
-        tp = (predicted & truth).sum().item()
-        fp = (predicted & ~truth).sum().item()
-        fn = (~predicted & truth).sum().item()
-        f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-        exact = (predicted == truth).all(-1).float().mean().item()
-        return {"micro_f1": 100.0 * f1, "exact_match": 100.0 * exact}
-    predicted = logits.argmax(-1)
-    labels = labels.long()
-    accuracy = (predicted == labels).float().mean().item()
-    f1s = []
-    for k in range(logits.shape[-1]):
-        tp = ((predicted == k) & (labels == k)).sum().item()
-        fp = ((predicted == k) & (labels != k)).sum().item()
-        fn = ((predicted != k) & (labels == k)).sum().item()
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": 100.0 * accuracy, "macro_f1": 100.0 * sum(f1s) / max(len(f1s), 1)}
+    """Every metric of a task (a `problem_type`) for (N, K) logits against labels: in percent, Pearson as a
+    correlation x 100 (`badge.tasks`)."""
+    return get_task(task).evaluate(logits, labels)
 
 
 def per_exit_metrics(exit_logits: torch.Tensor, labels: torch.Tensor, task: str) -> list[dict[str, float]]:

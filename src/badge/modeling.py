@@ -37,6 +37,7 @@ from badge.device import resolve_dtype
 from badge.folders import TOKENIZER_FILES, load_tokenizer, refuse_shipped_code, save_folder
 from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens, tokens_from_lengths
 from badge.rules import ExitPolicy
+from badge.tasks import get_task
 
 SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
 EXIT_POLICY_FILE = "exit_policy.json"
@@ -388,37 +389,13 @@ class MultiExitModel(PreTrainedModel):
         return losses
 
     def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """Self-distillation loss of one exit's logits (B, K) towards the teacher's logits (B, K).
-
-        Single-label: `T^2 * KL(softmax(teacher / T) || softmax(student / T))`, averaged over the batch.
-        Multi-label: `T^2 *` the per-label binary KL between `sigmoid(teacher / T)` and `sigmoid(student / T)`,
-        averaged over batch and labels (as the task's BCE). Regression: MSE to the teacher's prediction.
-        """
-        task = self.config.problem_type
-        if task == "regression":
-            return nn.functional.mse_loss(student, teacher)
-        t = self.config.distill_temperature
-        if task == "multi_label_classification":
-            target = torch.sigmoid(teacher / t)
-            cross = nn.functional.binary_cross_entropy_with_logits(student / t, target)
-            entropy = nn.functional.binary_cross_entropy_with_logits(teacher / t, target)
-            return t * t * (cross - entropy)
-        kl = nn.functional.kl_div(
-            nn.functional.log_softmax(student / t, dim=-1),
-            nn.functional.log_softmax(teacher / t, dim=-1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        return t * t * kl
+        """Self-distillation loss of one exit's logits (B, K) towards the teacher's logits (B, K), at
+        `config.distill_temperature`, as the task defines it (`badge.tasks`)."""
+        return get_task(self.config.problem_type).distill_loss(student, teacher, self.config.distill_temperature)
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of one exit for this model's task."""
-        task = self.config.problem_type
-        if task == "regression":
-            return nn.functional.mse_loss(logits.squeeze(-1), labels.float())
-        if task == "multi_label_classification":
-            return nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
-        return nn.functional.cross_entropy(logits, labels.long())
+        """Loss of one exit for this model's task (`badge.tasks`)."""
+        return get_task(self.config.problem_type).loss(logits, labels)
 
     def default_exit_weights(self) -> torch.Tensor:
         """Per-exit loss weights from `config.loss_weights`, summing to one."""

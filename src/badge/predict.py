@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from badge.data import DataError, read_rows, row_text, text_columns
 from badge.engine import EarlyExitEngine
+from badge.tasks import get_task
 
 OUTPUT_FIELDS = ("row", "label", "probability", "exit_layer", "error")
 OUTPUT_TYPES = (".csv", ".jsonl")
@@ -156,18 +157,16 @@ def predict_chunk(
     if len(chunk) == 1 and chunk[0][3] is not None:
         return [{"row": chunk[0][0], "label": None, "probability": None, "exit_layer": None, "error": chunk[0][3]}]
     label_names = engine.model.label_names
-    task = engine.model.config.problem_type
+    task = get_task(engine.model.config.problem_type)
     pairs = [pair for _, _, pair, _ in chunk] if with_pairs else None
     result = engine.classify([text for _, text, _, _ in chunk], pairs, max_length=max_length)
     records = []
     for index, (number, _, _, _) in enumerate(chunk):
         predicted = result.labels[index]
-        if task == "single_label_classification":
-            label, probability = label_names[predicted], float(result.probs[index, predicted])
-        elif task == "multi_label_classification":
-            label, probability = "|".join(label_names[i] for i in predicted), None
-        else:
-            label, probability = predicted, None
+        label = task.label_of(predicted, label_names)
+        if task.multi_label:
+            label = "|".join(label)  # as a training file's cell holds several labels
+        probability = task.probability_of(predicted, result.probs[index])
         layer = int(result.exit_layers[index])
         records.append({"row": number, "label": label, "probability": probability, "exit_layer": layer, "error": None})
     return records

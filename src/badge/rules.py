@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from badge.distributions import DIVERGENCES, MULTI, REGRESSION, SINGLE, divergence, log_distribution, normalized_entropy
+from badge.distributions import DIVERGENCES
 from badge.gate import check_gate, gate_step
+from badge.tasks import Task, get_task
 
 Tensor = torch.Tensor
 State = dict[str, Tensor]
@@ -28,13 +29,6 @@ State = dict[str, Tensor]
 
 class PolicyError(ValueError):
     """An exit policy with an unknown rule or a parameter out of range."""
-
-
-def _per_sample(values: Tensor, task: str, reduce: str) -> Tensor:
-    """Collapse per-label values (B, K) of a multi-label task to one per sample (B,)."""
-    if task != MULTI:
-        return values
-    return values.sum(-1) if reduce == "sum" else values.amax(-1) if reduce == "max" else values.amin(-1)
 
 
 # ----- rule steps ----------------------------------------------------------------------------
@@ -57,40 +51,29 @@ def _counter_step(signal: Callable[[Tensor, State], tuple[Tensor, State]], patie
     return step
 
 
-def _divergence_signal(task: str, tau: float, kind: str) -> Callable[[Tensor, State], tuple[Tensor, State]]:
-    """True where the current exit barely diverges from the previous one (never at the first exit)."""
+def _divergence_signal(task: Task, tau: float, kind: str) -> Callable[[Tensor, State], tuple[Tensor, State]]:
+    """True where the current exit barely moved from the previous one (never at the first exit)."""
 
     def signal(logits: Tensor, state: State) -> tuple[Tensor, State]:
-        if task == REGRESSION:
-            current = logits.float().squeeze(-1)
-            previous = state.get("previous")
-            hit = torch.zeros_like(current, dtype=torch.bool) if previous is None else (current - previous).abs() < tau
-            return hit, {**state, "previous": current}
-        current = log_distribution(logits, task)
+        current = task.rule_distribution(logits)
         previous = state.get("previous")
         if previous is None:
             hit = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         else:
-            if task == MULTI and kind == "argmax":
-                score = (current.argmax(-1) != previous.argmax(-1)).any(-1).float()
-            else:
-                score = _per_sample(divergence(previous, current, kind), task, "sum")
-            hit = score < tau
+            hit = task.change(previous, current, kind) < tau
         return hit, {**state, "previous": current}
 
     return signal
 
 
-def _confidence_signal(task: str, tau: float, kind: str) -> Callable[[Tensor, State], tuple[Tensor, State]]:
+def _confidence_signal(task: Task, tau: float, kind: str) -> Callable[[Tensor, State], tuple[Tensor, State]]:
     """True where the current exit alone is confident: low entropy or high max-probability."""
-    if task == REGRESSION:
-        raise PolicyError(f"rule {kind!r} needs class probabilities; for regression use `dge` or `patience`")
 
     def signal(logits: Tensor, state: State) -> tuple[Tensor, State]:
-        log_probs = log_distribution(logits, task)
+        log_probs = task.rule_distribution(logits)
         if kind == "entropy":
-            return _per_sample(normalized_entropy(log_probs), task, "max") < tau, state
-        return _per_sample(log_probs.exp().amax(-1), task, "min") > tau, state
+            return task.uncertainty(log_probs) < tau, state
+        return task.confidence(log_probs) > tau, state
 
     return signal
 
@@ -108,37 +91,35 @@ class RuleSpec:
     needs_labels: bool = False
 
 
-def _build_dge(task: str, num_layers: int, tau: float = 0.01, patience: int = 1, divergence: str = "jsd", **_: Any):
+def _build_dge(task: Task, num_layers: int, tau: float = 0.01, patience: int = 1, divergence: str = "jsd", **_: Any):
     return _counter_step(_divergence_signal(task, tau, divergence), patience)
 
 
-def _build_entropy(task: str, num_layers: int, tau: float = 0.3, **_: Any):
+def _build_entropy(task: Task, num_layers: int, tau: float = 0.3, **_: Any):
     return _counter_step(_confidence_signal(task, tau, "entropy"), 1)
 
 
-def _build_maxprob(task: str, num_layers: int, tau: float = 0.9, **_: Any):
+def _build_maxprob(task: Task, num_layers: int, tau: float = 0.9, **_: Any):
     return _counter_step(_confidence_signal(task, tau, "maxprob"), 1)
 
 
-def _build_patience(task: str, num_layers: int, patience: int = 2, tau: float = 0.5, **_: Any):
+def _build_patience(task: Task, num_layers: int, patience: int = 2, tau: float = 0.5, **_: Any):
     # PABEE: the argmax (a label set for multi-label, the value within tau for regression) stays the same.
     return _counter_step(_divergence_signal(task, tau, "argmax"), patience)
 
 
-def _build_pcee(task: str, num_layers: int, tau: float = 0.3, patience: int = 2, **_: Any):
+def _build_pcee(task: Task, num_layers: int, tau: float = 0.3, patience: int = 2, **_: Any):
     return _counter_step(_confidence_signal(task, tau, "entropy"), patience)
 
 
 def _build_gate(
-    task: str,
+    task: Task,
     num_layers: int,
     tau: float = 0.9,
     gate: dict[str, Any] | None = None,
     layers: tuple[int, ...] = (),
     **_: Any,
 ):
-    if task != SINGLE:
-        raise PolicyError("the gate rule is defined for single-label classification")
     if gate is None:
         raise PolicyError("the gate rule needs a fitted gate: badge calibrate --rule gate fits one")
     if layers and len(gate["bias"]) != len(layers) - 1:
@@ -146,7 +127,7 @@ def _build_gate(
     return gate_step(gate, tau)
 
 
-def _build_static(task: str, num_layers: int, k: int = 1, layers: tuple[int, ...] = (), **_: Any):
+def _build_static(task: Task, num_layers: int, k: int = 1, layers: tuple[int, ...] = (), **_: Any):
     def step(logits: Tensor, state: State, position: int, labels: Tensor | None = None) -> tuple[Tensor, State]:
         layer = layers[position] if layers else position + 1
         return torch.full((logits.shape[0],), layer >= k, dtype=torch.bool, device=logits.device), state
@@ -154,21 +135,18 @@ def _build_static(task: str, num_layers: int, k: int = 1, layers: tuple[int, ...
     return step
 
 
-def _build_full(task: str, num_layers: int, **_: Any):
+def _build_full(task: Task, num_layers: int, **_: Any):
     def step(logits: Tensor, state: State, position: int, labels: Tensor | None = None) -> tuple[Tensor, State]:
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), state
 
     return step
 
 
-def _build_oracle(task: str, num_layers: int, **_: Any):
-    if task != SINGLE:
-        raise PolicyError("the oracle rule is defined for single-label classification only")
-
+def _build_oracle(task: Task, num_layers: int, **_: Any):
     def step(logits: Tensor, state: State, position: int, labels: Tensor | None = None) -> tuple[Tensor, State]:
         if labels is None:
             raise PolicyError("the oracle rule needs labels: it is for analysis, not deployment")
-        return logits.argmax(-1) == labels.to(logits.device), state
+        return task.correct(logits, labels), state
 
     return step
 
@@ -299,11 +277,15 @@ class ExitPolicy:
         return RULES[self.rule].needs_labels
 
     def build(self, task: str, exit_layers: list[int]) -> Step:
-        """The rule's step function for a model with these (1-based) exit layers."""
+        """The rule's step function for a model of task type `task` (a `problem_type`) with these (1-based) exit
+        layers; PolicyError where the task cannot run the rule."""
+        task_type = get_task(task)
+        if not task_type.allows(self.rule):
+            raise PolicyError(f"rule {self.rule!r} {task_type.refused_rules[self.rule]}")
         if self.k is not None and self.k > exit_layers[-1]:
             raise PolicyError(f"static layer k {self.k} is beyond this model's {exit_layers[-1]} layers")
         params = {key: value for key, value in self.to_dict().items() if key != "rule"}
-        return RULES[self.rule].build(task, exit_layers[-1], layers=tuple(exit_layers), **params)
+        return RULES[self.rule].build(task_type, exit_layers[-1], layers=tuple(exit_layers), **params)
 
     def exits_consulted(self, exit_layers: list[int]) -> list[int]:
         """The exit layers whose logits this policy reads; an engine may skip the other exits.

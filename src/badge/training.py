@@ -30,8 +30,9 @@ from badge.data import TextDataset
 from badge.device import DTYPES, resolve_device
 from badge.evaluation import collect_exit_logits, make_loader
 from badge.folders import ordinary_mode
-from badge.metrics import exit_table, per_exit_metrics, primary_metric_name
+from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import MultiExitModel, replace_directory
+from badge.tasks import get_task
 
 SCHEMES = {
     "bb": "joint training of all exits through block-wise bypasses and the gradient damper (v1)",
@@ -359,8 +360,7 @@ def train(
     model.config.max_seq_length = model.max_length(args.max_length)
     model.config.training_data = {"train": train_data.origin, "validation": validation_data.origin}
     tokenizer = model.tokenizer
-    task = model.config.problem_type
-    metric_name = primary_metric_name(task)
+    metric_name = get_task(model.config.problem_type).metric.name
     loader = accelerator.prepare(make_loader(train_data, tokenizer, args.max_length, args.batch_size, True, args.seed))
     eval_loader = accelerator.prepare(
         make_loader(validation_data, tokenizer, args.max_length, args.eval_batch_size, False)
