@@ -134,49 +134,48 @@ class Task:
 
 
 # ----- metrics ---------------------------------------------------------------------------------
+# scikit-learn takes a second to import, so each metric imports it when it is first computed.
+def _numpy(tensor: Tensor) -> Any:
+    return tensor.detach().cpu().numpy()
+
+
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
-    return 100.0 * (logits.float().argmax(-1) == labels.long()).float().mean().item()
+    from sklearn.metrics import accuracy_score
+
+    return 100.0 * float(accuracy_score(_numpy(labels.long()), _numpy(logits.float().argmax(-1))))
 
 
 def _macro_f1(logits: Tensor, labels: Tensor) -> float:
     """Mean F1 over the classes that occur among the labels or the predictions."""
-    predicted, labels = logits.float().argmax(-1), labels.long()
-    f1s = []
-    for k in range(logits.shape[-1]):
-        tp = ((predicted == k) & (labels == k)).sum().item()
-        fp = ((predicted == k) & (labels != k)).sum().item()
-        fn = ((predicted != k) & (labels == k)).sum().item()
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return 100.0 * sum(f1s) / max(len(f1s), 1)
+    from sklearn.metrics import f1_score
+
+    return 100.0 * float(f1_score(_numpy(labels.long()), _numpy(logits.float().argmax(-1)), average="macro"))
 
 
 def _micro_f1(logits: Tensor, labels: Tensor) -> float:
-    predicted, truth = logits.float() > 0, labels > 0.5
-    tp = (predicted & truth).sum().item()
-    fp = (predicted & ~truth).sum().item()
-    fn = (~predicted & truth).sum().item()
-    return 100.0 * (2 * tp / max(2 * tp + fp + fn, 1))
+    from sklearn.metrics import f1_score
+
+    return 100.0 * float(f1_score(_numpy(labels > 0.5), _numpy(logits.float() > 0), average="micro", zero_division=0.0))
 
 
 def _exact_match(logits: Tensor, labels: Tensor) -> float:
-    return 100.0 * ((logits.float() > 0) == (labels > 0.5)).all(-1).float().mean().item()
+    from sklearn.metrics import accuracy_score  # on label sets: the share of texts with every label right
 
-
-def _centred(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    x, y = logits.float().squeeze(-1), labels.float()
-    return x - x.mean(), y - y.mean()
+    return 100.0 * float(accuracy_score(_numpy(labels > 0.5), _numpy(logits.float() > 0)))
 
 
 def _pearson(logits: Tensor, labels: Tensor) -> float:
-    """Pearson correlation x 100; 0 where either side is constant."""
-    x, y = _centred(logits, labels)
+    """Pearson correlation x 100; 0 where either side is constant. Written out: scikit-learn has none, and
+    SciPy's is NaN for a constant side (an untrained exit), which would break model selection."""
+    x, y = logits.float().squeeze(-1), labels.float()
+    x, y = x - x.mean(), y - y.mean()
     return 100.0 * float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
 
 
 def _mse(logits: Tensor, labels: Tensor) -> float:
-    x, y = _centred(logits, labels)
-    return float(((x - y) ** 2).mean())
+    from sklearn.metrics import mean_squared_error
+
+    return float(mean_squared_error(_numpy(labels.float()), _numpy(logits.float().squeeze(-1))))
 
 
 # ----- the task types ------------------------------------------------------------------------
@@ -250,7 +249,7 @@ class MultiLabel(Task):
             [(predicted & truth).sum(-1), (predicted & ~truth).sum(-1), (~predicted & truth).sum(-1)], -1
         ).double()  # (N, 3): tp, fp, fn
         tp, fp, fn = counts[texts].sum(1).unbind(-1)  # (B,) each
-        return 100.0 * 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+        return 100.0 * (2 * tp / (2 * tp + fp + fn).clamp(min=1))
 
     def probabilities(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits.float())
