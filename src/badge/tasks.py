@@ -15,6 +15,7 @@ Look a task up by the `problem_type` stored in a model's config: `get_task("regr
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -39,8 +40,9 @@ class Metric:
 _SINGLE_LABEL_ONLY = "is defined for single-label classification only"
 
 
-class Task:
-    """What one task type does with an exit's logits. Subclasses set the class attributes and the methods.
+class Task(ABC):
+    """What one task type does with an exit's logits. A subclass sets `name` and `metrics` and implements the
+    abstract methods; the rest has defaults.
 
     Attributes:
         name: the `problem_type` stored in config.json.
@@ -89,17 +91,17 @@ class Task:
         return rule not in self.refused_rules
 
     # ----- answers -----------------------------------------------------------------------------
+    @abstractmethod
     def probabilities(self, logits: Tensor) -> Tensor:
         """(N, K) float probabilities (the value itself where the task has no classes)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def predictions(self, logits: Tensor) -> list:
         """Predicted label per row of (N, K) logits: a class id, a list of class ids, or a value."""
-        raise NotImplementedError
 
+    @abstractmethod
     def label_of(self, predicted: Any, label_names: list[str]) -> str | list[str] | float:
         """What a user sees for one prediction: a class name, a list of names, or the value."""
-        raise NotImplementedError
 
     def probability_of(self, predicted: Any, probabilities: Tensor) -> float | None:
         """The probability of one prediction given its row of `probabilities` (K,); None where the answer is not
@@ -107,22 +109,22 @@ class Task:
         return None
 
     # ----- training ----------------------------------------------------------------------------
+    @abstractmethod
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Training loss of one exit's (B, K) logits, averaged over the batch."""
-        raise NotImplementedError
 
+    @abstractmethod
     def distill_loss(self, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
         """Self-distillation loss of one exit's (B, K) logits towards the final exit's (B, K) logits."""
-        raise NotImplementedError
 
     # ----- exit-rule signals -------------------------------------------------------------------
+    @abstractmethod
     def rule_distribution(self, logits: Tensor) -> Tensor:
         """What a rule carries from one exit to the next, per row, in float32 (log-probabilities or values)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def change(self, previous: Tensor, current: Tensor, kind: str) -> Tensor:
         """(B,) how far `current` moved from `previous` (both from `rule_distribution`) under divergence `kind`."""
-        raise NotImplementedError
 
     def uncertainty(self, log_probs: Tensor) -> Tensor:
         """(B,) normalised entropy in [0, 1] of one exit's `rule_distribution`."""
