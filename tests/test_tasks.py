@@ -147,3 +147,15 @@ def test_a_task_whose_primary_metric_must_be_minimised_is_refused() -> None:
         class LowestError(Task):
             name = "lowest_error"
             metrics = (Metric("mse", lambda logits, labels: 0.0, higher_is_better=False),)
+
+
+@pytest.mark.parametrize("problem_type", TASKS)
+def test_the_sweep_offers_exactly_the_rules_and_divergences_a_task_allows(problem_type: str) -> None:
+    from badge.evaluation import default_policies
+
+    task = get_task(problem_type)
+    gate = fit_gate(torch.randn(20, len(LAYERS), 3)) if task.allows("gate") else None
+    policies = default_policies(problem_type, len(LAYERS), gate=gate)
+    assert {policy.rule for _, policy in policies} == {name for name in RULES if name != "full" and task.allows(name)}
+    dge_curves = {curve for curve, policy in policies if policy.rule == "dge"}
+    assert dge_curves == {f"dge-{kind}" if kind else "dge" for kind in task.divergences}
