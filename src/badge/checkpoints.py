@@ -5,7 +5,7 @@ A checkpoint is one folder, replaced atomically (staged beside it, then renamed)
     model/                          the model as `save_pretrained` writes it (safetensors)
     optimizer.safetensors           the optimizer's tensors (AdamW moments); hyper-parameters in optimizer_groups.json
     scheduler.json                  the learning-rate scheduler's state (its position in the schedule)
-    rng_state_<process>.safetensors each process's random state (torch, CUDA, numpy; Python's `random` in metadata)
+    rng_state_<process>.safetensors each process's random state (torch CPU and CUDA; Python's `random` in metadata)
     trainer_state.json              the loop position, best score, history, settings and data fingerprints
 
 Why not accelerate's `save_state` / `load_state` (measured on accelerate 1.15.0): `save_state` writes the
@@ -15,7 +15,7 @@ and `load_state` reads them back with `torch.load` (checkpointing.py:255, :263, 
 `--resume` takes a folder from the user, and we never unpickle a user's file, not even with torch's restricted
 `weights_only` unpickler. It also swallows any error reading the random states (checkpointing.py:317-318), so a
 damaged file would silently resume with other random numbers. So the same state is kept here in safetensors
-and JSON, and every file is checked before it is used.
+and JSON, and a file that cannot be read stops the resume with a message naming it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -163,7 +162,7 @@ def open_checkpoint(
     """
     if not (checkpoint / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint} to resume from")
-    loop_state = json.loads((checkpoint / STATE_FILE).read_text())
+    loop_state = _read_json(checkpoint / STATE_FILE)
     saved = MultiExitModel.from_pretrained(checkpoint / "model")
     mismatches = resume_mismatches(loop_state, saved, model, settings, run)
     if mismatches:
@@ -197,7 +196,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
-    groups = json.loads((folder / OPTIMIZER_GROUPS_FILE).read_text())
+    groups = _read_json(folder / OPTIMIZER_GROUPS_FILE)
     optimizer.load_state_dict({"state": slots, "param_groups": groups})
 
 
@@ -205,24 +204,19 @@ def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, folder: Path
     """Restore the scheduler's state from `scheduler.json`, or, for a checkpoint written before that file
     existed, place it `steps_done` steps into its schedule (the learning rate itself comes with the optimizer)."""
     if (folder / SCHEDULER_FILE).is_file():
-        state = json.loads((folder / SCHEDULER_FILE).read_text())
+        state = _read_json(folder / SCHEDULER_FILE)
     else:
         state = {**scheduler.state_dict(), "last_epoch": steps_done, "_step_count": steps_done + 1}
     scheduler.load_state_dict(state)
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random state, everything `accelerate.utils.set_seed` seeds: torch (CPU and every CUDA
-    device), numpy and Python's `random`. Returns {"tensors": name -> tensor, "metadata": name -> JSON text}."""
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64))}
+    """This process's random state: torch's (CPU and every CUDA device; dropout draws from it) and Python's
+    `random`. Returns {"tensors": name -> tensor, "metadata": {"python": JSON text}}."""
+    tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
-    metadata = {
-        "python": json.dumps(random.getstate()),
-        "numpy": json.dumps([kind, int(position), int(has_gauss), float(cached_gaussian)]),
-    }
-    return {"tensors": tensors, "metadata": metadata}
+    return {"tensors": tensors, "metadata": {"python": json.dumps(random.getstate())}}
 
 
 def save_rng_states(states: list[dict[str, Any]], folder: Path) -> None:
@@ -242,9 +236,7 @@ def load_rng_state(folder: Path, process: int) -> bool:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata()
         version, python_state, gauss = json.loads(metadata["python"])
-        kind, position, has_gauss, cached_gaussian = json.loads(metadata["numpy"])
         random.setstate((version, tuple(python_state), gauss))
-        np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
         torch.set_rng_state(tensors["torch"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise RunFolderError(
@@ -254,6 +246,13 @@ def load_rng_state(folder: Path, process: int) -> bool:
         if f"cuda.{device}" in tensors:  # a run moved from CPU to GPU keeps fresh CUDA states
             torch.cuda.set_rng_state(tensors[f"cuda.{device}"], device)
     return True
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFolderError(f"--resume: {path} cannot be read ({error}); start over with --overwrite") from error
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
