@@ -169,6 +169,8 @@ def test_two_process_training_with_gloo(tiny_encoder, review_files, tmp_path) ->
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "ddp" / "checkpoint" / "trainer_state.json").read_text())
     assert state["global_step"] == 16  # 256 rows / (8 per step x 2 processes)
+    kept = sorted(path.name for path in (tmp_path / "ddp" / "checkpoint").glob("rng_state_*"))
+    assert kept == ["rng_state_0.safetensors", "rng_state_1.safetensors"]  # each process's random state
     assert MultiExitModel.from_pretrained(tmp_path / "ddp" / "best").num_layers == 4
 
 
