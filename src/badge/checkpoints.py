@@ -27,15 +27,17 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from badge.data import TextDataset
 from badge.folders import ordinary_mode
 from badge.modeling import MultiExitModel, replace_directory
+
+if TYPE_CHECKING:
+    from badge.data import TextDataset
 
 CHECKPOINT = "checkpoint"
 BEST = "best"
