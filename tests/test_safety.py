@@ -251,6 +251,47 @@ def test_resume_names_a_changed_setting_and_recovers_a_checkpoint_a_kill_left_as
     assert mode(run / "checkpoint") == mode(run / "best")
 
 
+def test_resume_unpickles_nothing_and_names_a_damaged_checkpoint_file(
+    tiny_encoder: Path, review_files, tmp_path, monkeypatch
+) -> None:
+    import pickle
+
+    import torch
+
+    import badge.training
+    from badge.data import load_file
+    from badge.training import TrainingArguments, train
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    train_data, validation = load_file(review_files["train"]), load_file(review_files["validation"])
+    model = MultiExitModel.from_encoder(tiny_encoder, label_names=train_data.label_names)
+    args = TrainingArguments(output_dir=str(run), epochs=1, max_length=32, save_steps=5)
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(badge.training, "_end_of_epoch", interrupt)  # killed at step 16: the checkpoint is at 15
+        train(model, train_data, validation, args)
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("a file of the run folder was unpickled")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        monkeypatch.setattr(module, name, unpickle)
+    command = ["train", "--encoder", str(tiny_encoder), "--train", str(review_files["train"]), "--validation",
+               str(review_files["validation"]), "--output", str(run), "--max-length", "32", "--epochs", "1",
+               "--save-steps", "5", "--resume"]  # fmt: skip
+    intact = shutil.copytree(run / "checkpoint", tmp_path / "intact")
+    for name, damage in (("rng_state_0.safetensors", b"not a checkpoint"), ("scheduler.json", b"{")):
+        (run / "checkpoint" / name).write_bytes(damage)
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert f"{name} cannot be read" in result.output and "--overwrite" in result.output, result.output
+        shutil.copy(intact / name, run / "checkpoint" / name)
+    result = runner.invoke(app, command)  # optimizer, schedule and random state read back mid-epoch
+    assert result.exit_code == 0 and "step 15" in result.output, result.output
+
+
 # ----- 9. predict reads as training does, answers every bad row, and resumes -----------------------------
 def test_predict_writes_an_error_row_for_each_unreadable_row_with_the_reason_training_gives(
     model_dir: Path, tmp_path: Path

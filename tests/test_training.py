@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -168,4 +169,68 @@ def test_two_process_training_with_gloo(tiny_encoder, review_files, tmp_path) ->
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "ddp" / "checkpoint" / "trainer_state.json").read_text())
     assert state["global_step"] == 16  # 256 rows / (8 per step x 2 processes)
+    kept = sorted(path.name for path in (tmp_path / "ddp" / "checkpoint").glob("rng_state_*"))
+    assert kept == ["rng_state_0.safetensors", "rng_state_1.safetensors"]  # each process's random state
     assert MultiExitModel.from_pretrained(tmp_path / "ddp" / "best").num_layers == 4
+
+
+def run_twice(encoder, data, tmp_path, monkeypatch, before_resume=lambda checkpoint: None, **model_options) -> dict:
+    """Train 2 epochs uninterrupted, and again killed at step 16 of 32 (last checkpoint: step 15, mid-epoch)
+    and resumed in a fresh random state. Returns both runs' final weights."""
+    import badge.training
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    runs = {}
+    for name in ("uninterrupted", "resumed"):
+        torch.manual_seed(0)
+        model = MultiExitModel.from_encoder(
+            encoder, label_names=data["train"].label_names, pooling="mean", **model_options
+        )
+        if name == "resumed":
+            with monkeypatch.context() as patch:
+                patch.setattr(badge.training, "_end_of_epoch", crash)
+                with pytest.raises(KeyboardInterrupt):
+                    train(model, data["train"], data["validation"], fast_args(tmp_path / name))
+            before_resume(tmp_path / name / "run" / "checkpoint")
+            torch.manual_seed(123)  # a new process: nothing of the killed run's random state is left
+            model = MultiExitModel.from_encoder(
+                encoder, label_names=data["train"].label_names, pooling="mean", **model_options
+            )
+        train(model, data["train"], data["validation"], fast_args(tmp_path / name, resume=name == "resumed"))
+        runs[name] = model.state_dict()
+    return runs
+
+
+def assert_same_weights(runs: dict) -> None:
+    for key, value in runs["uninterrupted"].items():
+        torch.testing.assert_close(runs["resumed"][key], value, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_encoder, data, tmp_path, monkeypatch) -> None:
+    """The data order, dropout's random numbers, the optimizer and the learning-rate schedule all pick up
+    where the checkpoint left them."""
+    assert_same_weights(run_twice(tiny_encoder, data, tmp_path, monkeypatch))
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoint"
+    assert json.loads((checkpoint / "scheduler.json").read_text())["last_epoch"] == 32
+    kinds = {path.suffix for path in checkpoint.rglob("*") if path.is_file()}
+    assert kinds == {".json", ".safetensors"}, kinds  # nothing pickled
+
+
+def test_a_checkpoint_without_schedule_or_random_state_still_resumes_on_schedule(
+    tiny_encoder, data, tmp_path, monkeypatch
+) -> None:
+    """Checkpoints written before they kept the scheduler and random state resume with the schedule placed
+    by the step count (no dropout here, so the random state cannot matter)."""
+    encoder = shutil.copytree(tiny_encoder, tmp_path / "encoder")
+    config = json.loads((encoder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (encoder / "config.json").write_text(json.dumps(config))
+
+    def forget_schedule_and_random_state(checkpoint) -> None:
+        (checkpoint / "scheduler.json").unlink()
+        (checkpoint / "rng_state_0.safetensors").unlink()
+
+    runs = run_twice(encoder, data, tmp_path, monkeypatch, forget_schedule_and_random_state, classifier_dropout=0.0)
+    assert_same_weights(runs)

@@ -2,36 +2,45 @@
 
 The same loop runs on one CPU, one GPU, or several processes (`torchrun` or `accelerate launch`,
 gloo on CPU). After every epoch each exit is evaluated on the validation split; the best model is
-kept in `OUTPUT/best`, and a resumable checkpoint (weights, optimizer state as safetensors, loop
-position as JSON) is written atomically to `OUTPUT/checkpoint` every `save_steps` and at each epoch end.
+kept in `OUTPUT/best`, and a resumable checkpoint (weights, optimizer, schedule, random state and loop
+position; see `badge.checkpoints`) is written atomically to `OUTPUT/checkpoint` every `save_steps` and at
+each epoch end.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from rich.console import Console
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from badge.checkpoints import (
+    BEST,
+    CHECKPOINT,
+    STATE_FILE,
+    check_run_folder,
+    data_fingerprint,
+    load_optimizer,
+    load_rng_state,
+    load_scheduler,
+    open_checkpoint,
+    rng_state,
+    tidy_run_folder,
+    write_checkpoint,
+)
 from badge.data import TextDataset
 from badge.device import DTYPES, resolve_device
 from badge.evaluation import collect_exit_logits, make_loader
-from badge.folders import ordinary_mode
 from badge.metrics import exit_table, per_exit_metrics
-from badge.modeling import MultiExitModel, replace_directory
+from badge.modeling import MultiExitModel
 from badge.tasks import get_task
 
 SCHEMES = {
@@ -47,10 +56,6 @@ SCHEMES = {
 # Self-distillation settings the *_distill schemes start from (any can be overridden per run).
 DISTILL_OPTIONS: dict[str, Any] = {"distill_weight": 0.5, "distill_temperature": 2.0}
 BB2_OPTIONS: dict[str, Any] = {"use_bypass": True, "bypass_input": "tokens", "gamma_schedule": "depth"}
-CHECKPOINT = "checkpoint"
-BEST = "best"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
 MIXED_PRECISION = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}  # accelerate's names for --dtype
 
 
@@ -152,149 +157,8 @@ def _param_groups(model: MultiExitModel, args: TrainingArguments, stage: int) ->
     ]
 
 
-def check_run_folder(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run in a folder that holds one, unless told to `resume` it or `overwrite` it.
-
-    Raises `RunFolderError` naming the folder, what it holds and the two options.
-    """
-    output = Path(output_dir)
-    if resume and overwrite:
-        raise RunFolderError("give --resume (continue the run) or --overwrite (start over), not both")
-    if output.exists() and not output.is_dir():
-        raise RunFolderError(f"--output {output} is a file; expected a run folder")
-    held = [name for name in (BEST, CHECKPOINT) if (output / name).exists()]
-    if held and not (resume or overwrite):
-        raise RunFolderError(
-            f"--output {output} already holds a run ({', '.join(name + '/' for name in held)}); "
-            "pass --resume to continue it or --overwrite to replace it"
-        )
-
-
 class TrainingDiverged(ValueError):
     """The loss stopped being a finite number; training stopped before the bad weights were saved."""
-
-
-class RunFolderError(ValueError):
-    """A run folder that does not fit the request (a run already there, or no checkpoint to resume)."""
-
-
-# Settings a resumed run must share with its checkpoint: each changes which examples come next or the schedule.
-RESUME_SETTINGS = (
-    "scheme",
-    "epochs",
-    "batch_size",
-    "encoder_lr",
-    "head_lr",
-    "weight_decay",
-    "warmup_ratio",
-    "max_length",
-    "seed",
-    "max_steps",
-)
-# Model settings a resumed run must share with its checkpoint (the encoder is compared as a whole).
-RESUME_MODEL_SETTINGS = (
-    "num_labels",
-    "id2label",
-    "problem_type",
-    "exit_layers",
-    "use_bypass",
-    "bypass_dim",
-    "block_size",
-    "gamma",
-    "pooling",
-    "loss_weights",
-)
-_VOLATILE_BACKBONE_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")
-
-
-def data_fingerprint(dataset: TextDataset) -> str:
-    """sha256 of a dataset's texts, pairs and labels, in order: two runs see the same examples iff it matches."""
-    digest = hashlib.sha256()
-    for text, pair, label in zip(
-        dataset.texts, dataset.text_pairs or [None] * len(dataset), dataset.labels or [None] * len(dataset), strict=True
-    ):
-        digest.update(json.dumps([text, pair, label]).encode())
-    return digest.hexdigest()
-
-
-def resume_mismatches(
-    loop_state: dict[str, Any], saved: MultiExitModel, model: MultiExitModel, args: TrainingArguments, run: dict
-) -> list[str]:
-    """What differs between a checkpoint (its loop state and model) and the run asked to resume it.
-
-    `run` holds this run's `processes` and `data` fingerprints. Returns one line per difference.
-    """
-    before, now = loop_state.get("args", {}), asdict(args)
-    found = [
-        f"{name} {before[name]!r} (this run: {now[name]!r})"
-        for name in RESUME_SETTINGS
-        if name in before and before[name] != now[name]
-    ]
-    for key, value in run.items():
-        if key in loop_state and loop_state[key] != value:
-            what = "processes" if key == "processes" else "training and validation data (file, sample or split)"
-            found.append(what if key == "data" else f"{what} {loop_state[key]!r} (this run: {value!r})")
-
-    def backbone(config: Any) -> dict:  # as config.json holds it (JSON keys are strings)
-        kept = {k: v for k, v in config.backbone.items() if k not in _VOLATILE_BACKBONE_KEYS}
-        return json.loads(json.dumps(kept, default=str))
-
-    if backbone(saved.config) != backbone(model.config):
-        shown = {k: backbone(saved.config).get(k) for k in ("model_type", "hidden_size", "num_hidden_layers")}
-        found.append(f"encoder {shown} (this run's encoder differs)")
-    for name in RESUME_MODEL_SETTINGS:
-        old, new = (json.loads(json.dumps(getattr(c.config, name, None), default=str)) for c in (saved, model))
-        if old != new:
-            found.append(f"{name} {old!r} (this run: {new!r})")
-    return found
-
-
-def tidy_run_folder(output: Path) -> None:
-    """Undo what a kill while checkpointing leaves: a complete `.checkpoint.old` becomes the checkpoint again
-    when the checkpoint is missing; unfinished `.checkpoint.*` staging folders (ours by name) are removed."""
-    checkpoint, old = output / CHECKPOINT, output / f".{CHECKPOINT}.old"
-    if not checkpoint.exists() and (old / STATE_FILE).is_file() and (old / "model").is_dir():
-        os.replace(old, checkpoint)  # killed between the two renames of `replace_directory`
-    for debris in output.glob(f".{CHECKPOINT}.*"):
-        if debris.is_dir():
-            shutil.rmtree(debris, ignore_errors=True)
-
-
-# ----- atomic checkpoints --------------------------------------------------------------------
-def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Write optimizer state as safetensors (tensors) plus JSON (hyper-parameters): nothing pickled."""
-    state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{name}": value.detach().cpu().contiguous()
-        for index, slots in state["state"].items()
-        for name, value in slots.items()
-        if isinstance(value, torch.Tensor)
-    }
-    save_file(tensors, folder / OPTIMIZER_FILE)
-    (folder / "optimizer_groups.json").write_text(json.dumps(state["param_groups"]))
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Restore what `save_optimizer` wrote."""
-    tensors = load_file(folder / OPTIMIZER_FILE)
-    slots: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        slots.setdefault(int(index), {})[name] = value
-    groups = json.loads((folder / "optimizer_groups.json").read_text())
-    optimizer.load_state_dict({"state": slots, "param_groups": groups})
-
-
-def _write_checkpoint(model: MultiExitModel, optimizer: Any, loop_state: dict[str, Any], target: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(ordinary_mode(directory=True))  # mkdtemp makes it 0700
-    try:
-        model.save_pretrained(staging / "model")
-        save_optimizer(optimizer, staging)
-        (staging / STATE_FILE).write_text(json.dumps(loop_state, indent=2))
-        replace_directory(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ----- the loop ------------------------------------------------------------------------------
@@ -338,24 +202,14 @@ def train(
         **run,
     }
     if args.resume:
-        if not (checkpoint / STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint} to resume from")
-        loop_state = json.loads((checkpoint / STATE_FILE).read_text())
-        saved = MultiExitModel.from_pretrained(checkpoint / "model")
-        mismatches = resume_mismatches(loop_state, saved, model, args, run)
-        if mismatches:
-            raise RunFolderError(
-                f"--resume: the checkpoint in {checkpoint} was written with "
-                + "; ".join(mismatches)
-                + ". Resume with the checkpoint's settings, or start over with --overwrite"
-            )
-        model.load_state_dict(saved.state_dict())
+        loop_state = open_checkpoint(checkpoint, model, asdict(args), run)
         loop_state.update(args=asdict(args), **run)  # settings that do not matter (save_steps) may change
         if main:
             console.print(
                 f"resuming from {checkpoint} at epoch {loop_state['epoch'] + 1}, step {loop_state['global_step']}"
             )
-    set_seed(args.seed + loop_state["global_step"])
+    # Also the shuffle's seed: accelerate's seedable sampler takes torch's initial seed when the loader is prepared.
+    set_seed(args.seed)
     # Saved with every checkpoint: later commands tokenise as training did and can refuse overlapping splits.
     model.config.max_seq_length = model.max_length(args.max_length)
     model.config.training_data = {"train": train_data.origin, "validation": validation_data.origin}
@@ -365,6 +219,9 @@ def train(
     eval_loader = accelerator.prepare(
         make_loader(validation_data, tokenizer, args.max_length, args.eval_batch_size, False)
     )
+    # A resumed run's dropout goes on with the random numbers the interrupted run would have drawn next.
+    if args.resume and not load_rng_state(checkpoint, accelerator.process_index):
+        set_seed(args.seed + loop_state["global_step"])  # a checkpoint written before it kept the random state
     steps_per_epoch = len(loader)  # per process
     total_steps = math.ceil(args.epochs * steps_per_epoch)
     if args.max_steps is not None:
@@ -383,15 +240,15 @@ def train(
 
         done = loop_state["global_step"] - stage_start if args.resume and loop_state.get("stage", 1) == stage else 0
 
-        def schedule(step: int, warmup: int = warmup, length: int = stage_end - stage_start, done: int = done) -> float:
-            step += done  # a resumed run picks the schedule up where it stopped
+        def schedule(step: int, warmup: int = warmup, length: int = stage_end - stage_start) -> float:
             if step < warmup:
                 return (step + 1) / warmup
             return max(0.0, (length - step) / max(1, length - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        if done and (checkpoint / OPTIMIZER_FILE).is_file():
+        if done:  # a resumed run picks the optimizer's moments and the schedule up where it stopped
             load_optimizer(optimizer, checkpoint)
+            load_scheduler(scheduler, checkpoint, done)
         # The scheduler stays unprepared: it steps once per optimizer step whatever the process count.
         ddp_model, optimizer = accelerator.prepare(model, optimizer)
         weights = stage_exit_weights(model, args.scheme, stage).to(accelerator.device)
@@ -420,12 +277,12 @@ def train(
                 progress.update(1)
                 progress.set_postfix(loss=f"{out.loss.item():.4f}")
                 if loop_state["global_step"] % args.save_steps == 0:
-                    _checkpoint(accelerator, model, optimizer, loop_state, checkpoint)
+                    _checkpoint(accelerator, model, optimizer, scheduler, loop_state, checkpoint)
                 if loop_state["global_step"] >= stage_end:
                     break
             if loop_state["step_in_epoch"] >= steps_per_epoch or loop_state["global_step"] >= total_steps:
                 _end_of_epoch(accelerator, model, eval_loader, loop_state, args, output, metric_name, console)
-                _checkpoint(accelerator, model, optimizer, loop_state, checkpoint)
+                _checkpoint(accelerator, model, optimizer, scheduler, loop_state, checkpoint)
         progress.close()
     accelerator.wait_for_everyone()
     return TrainingResult(best_dir=output / BEST, best_metric=loop_state["best"], history=loop_state["history"])
@@ -457,11 +314,12 @@ def _stop_if_diverged(
 
 
 def _checkpoint(
-    accelerator: Accelerator, model: MultiExitModel, optimizer: Any, loop_state: dict, target: Path
+    accelerator: Accelerator, model: MultiExitModel, optimizer: Any, scheduler: Any, loop_state: dict, target: Path
 ) -> None:
+    rng_states = gather_object([rng_state()])  # every process's, in process order: each drew its own dropout
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_checkpoint(accelerator.unwrap_model(model), optimizer, loop_state, target)
+        write_checkpoint(target, accelerator.unwrap_model(model), optimizer, scheduler, rng_states, loop_state)
     accelerator.wait_for_everyone()
 
 
