@@ -16,8 +16,10 @@ from transformers import (
 )
 
 from badge import MultiExitConfig, MultiExitModel
-from badge.modeling import CheckpointError, count_flops, damp_gradient
-from badge.packed import PACKED_FAMILIES
+from badge.exits import damp_gradient
+from badge.families import family_for
+from badge.flops import count_flops
+from badge.loading import CheckpointError
 
 SMALL = {"num_attention_heads": 4, "vocab_size": 60}
 FAMILIES = {
@@ -76,7 +78,7 @@ def test_padding_free_layers_and_pooling_weights_give_the_hugging_face_answers(f
                 expected = hidden[:, 0] if pooling == "cls" else (hidden * real).sum(1) / real.sum(1)
                 torch.testing.assert_close(torch.bmm(weights, hidden).squeeze(1), expected)
     # BERT-structured families skip the padding; the others fall back to the Hugging Face layers.
-    assert attention.packed == (family in PACKED_FAMILIES)
+    assert attention.packed == family_for(family).packable
     torch.testing.assert_close(hidden[mask.bool()], reference[mask.bool()])
 
 

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from badge.data import TextDataset
 from badge.device import DTYPES, resolve_device
 from badge.evaluation import collect_exit_logits, make_loader
-from badge.folders import ordinary_mode
+from badge.folders import ordinary_mode, replace_directory
 from badge.metrics import exit_table, per_exit_metrics, primary_metric_name
-from badge.modeling import MultiExitModel, replace_directory
+from badge.modeling import MultiExitModel
 
 SCHEMES = {
     "bb": "joint training of all exits through block-wise bypasses and the gradient damper (v1)",
