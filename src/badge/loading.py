@@ -12,10 +12,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer, PretrainedConfig
 from transformers.utils import cached_file
 
 from badge.config import MultiExitConfig
-from badge.folders import refuse_shipped_code
+from badge.folders import TOKENIZER_FILES, load_tokenizer, refuse_shipped_code
 from badge.rules import ExitPolicy
 
 EXIT_POLICY_FILE = "exit_policy.json"
@@ -44,6 +45,46 @@ def check_model_folder(folder: Path) -> None:
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a saved BADGE model: {name} is missing")
     refuse_shipped_code(folder)
+
+
+def read_model_config(
+    source: str | os.PathLike, hub: dict[str, Any], config: PretrainedConfig | str | os.PathLike | None
+) -> MultiExitConfig:
+    """The `MultiExitConfig` of a saved model (folder or Hub id), with its stored exit policy.
+
+    `config` is one already at hand, or where to read one (None: the model's own config.json). Raises
+    `CheckpointError` naming the file when it cannot be read or holds another kind of model.
+    """
+    if config is None and os.path.isdir(source):
+        config = read_config(Path(source) / hub.get("subfolder", ""))  # names a wrong type or range in the file
+    if not isinstance(config, PretrainedConfig):
+        try:
+            config = MultiExitConfig.from_pretrained(config or source, **hub)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(unreadable(source, error, "config.json")) from error
+    if not isinstance(config, MultiExitConfig):
+        raise CheckpointError(
+            f"{source} holds a {type(config).__name__} ({config.model_type!r}), not a BADGE model "
+            f"({MultiExitConfig.model_type!r}): build one with MultiExitModel.from_encoder"
+        )
+    config.exit_policy = stored_exit_policy(source, hub, config)
+    return config
+
+
+def read_tokenizer(source: str | os.PathLike, hub: dict[str, Any], vocab_size: int, required: bool) -> Any:
+    """The tokenizer saved with a model or encoder (folder or Hub id), never running code shipped with it.
+
+    Where the files include no tokenizer, None, or with `required` the error `load_tokenizer` (folder) or
+    transformers (Hub) raises. `vocab_size` (the model's embedding rows) is checked against a folder's tokenizer.
+    """
+    if os.path.isdir(source):
+        folder = Path(source) / hub.get("subfolder", "")
+        if required or any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return load_tokenizer(folder, vocab_size)
+        return None
+    if required or optional_file(source, "tokenizer_config.json", hub) is not None:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub)
+    return None
 
 
 def stored_exit_policy(source: str | os.PathLike, hub: dict[str, Any], config: MultiExitConfig) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
 )
@@ -39,7 +38,7 @@ from badge.device import resolve_dtype
 from badge.exit_model import AttentionInputs, ExitModel
 from badge.exits import Bypass, ExitHead, damp_gradient
 from badge.families import family_for
-from badge.folders import TOKENIZER_FILES, load_tokenizer, save_folder
+from badge.folders import save_folder
 from badge.loading import (
     EXIT_POLICY_FILE,
     CheckpointError,
@@ -48,9 +47,8 @@ from badge.loading import (
     check_model_folder,
     declared_pooling,
     hub_options,
-    optional_file,
-    read_config,
-    stored_exit_policy,
+    read_model_config,
+    read_tokenizer,
     unreadable,
 )
 from badge.packed import real_tokens, tokens_from_lengths
@@ -393,10 +391,7 @@ class MultiExitModel(PreTrainedModel, ExitModel):
             **exit_options,
         )
         model = cls(config, encoder=encoder)
-        if os.path.isdir(path):
-            model.tokenizer = load_tokenizer(Path(path) / hub.get("subfolder", ""), encoder.config.vocab_size)
-        else:
-            model.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **hub)
+        model.tokenizer = read_tokenizer(path, hub, encoder.config.vocab_size, required=True)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
@@ -428,32 +423,20 @@ class MultiExitModel(PreTrainedModel, ExitModel):
 
         Takes the keyword arguments of `PreTrainedModel.from_pretrained` (`revision`, `cache_dir`, `token`,
         `local_files_only`, `dtype`, `device_map` ...), so `AutoModel` and `pipeline` load it as well.
-        The exit policy comes from `exit_policy.json` (`badge.loading.stored_exit_policy`); the tokenizer
-        is loaded when the model's files include one.
+        `config` (a `MultiExitConfig`, or where to read one) defaults to the model's own config.json; the exit
+        policy comes from `exit_policy.json` (`badge.loading.stored_exit_policy`); the tokenizer is loaded
+        when the model's files include one.
         """
         source = str(pretrained_model_name_or_path)
         hub = hub_options(kwargs)
         check_exists(source)
         if os.path.isdir(source):
-            folder = Path(source) / hub.get("subfolder", "")
-            check_model_folder(folder)
-            if config is None:
-                config = read_config(folder)  # names a wrong type or range in the file
+            check_model_folder(Path(source) / hub.get("subfolder", ""))
         if kwargs.get("use_safetensors") is False:
             raise ValueError("use_safetensors=False: BADGE models are loaded from safetensors weights only")
         kwargs["use_safetensors"] = True
         kwargs.pop("trust_remote_code", None)  # the model's code is this module: nothing remote ever runs
-        if not isinstance(config, PretrainedConfig):
-            try:
-                config = MultiExitConfig.from_pretrained(config or source, **hub)
-            except (OSError, ValueError) as error:
-                raise CheckpointError(unreadable(source, error, "config.json")) from error
-        if not isinstance(config, MultiExitConfig):
-            raise CheckpointError(
-                f"{source} holds a {type(config).__name__} ({config.model_type!r}), not a BADGE model "
-                f"({MultiExitConfig.model_type!r}): build one with MultiExitModel.from_encoder"
-            )
-        config.exit_policy = stored_exit_policy(source, hub, config)
+        config = read_model_config(source, hub, config)
         try:
             model = super().from_pretrained(source, *model_args, config=config, **kwargs)
         except Exception as error:  # safetensors raises its own types for truncated or corrupt files
@@ -461,12 +444,7 @@ class MultiExitModel(PreTrainedModel, ExitModel):
         requested = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if requested not in (None, "auto"):  # the encoder is built from its own config, in its own dtype
             model = model.to(resolve_dtype(requested))
-        if os.path.isdir(source):
-            folder = Path(source) / hub.get("subfolder", "")
-            if any((folder / name).is_file() for name in TOKENIZER_FILES):
-                model.tokenizer = load_tokenizer(folder, model.encoder.config.vocab_size)
-        elif optional_file(source, "tokenizer_config.json", hub) is not None:
-            model.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub)
+        model.tokenizer = read_tokenizer(source, hub, model.encoder.config.vocab_size, required=False)
         return model
 
 
