@@ -93,6 +93,10 @@ class OnlyTheProtocol(ExitModel):
     def label_names(self) -> list[str]:
         return self._model.label_names
 
+    @property
+    def device(self) -> torch.device:
+        return self._model.device
+
     def eval(self) -> OnlyTheProtocol:
         self._model.eval()
         return self

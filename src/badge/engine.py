@@ -176,8 +176,8 @@ class EarlyExitEngine:
 
     @property
     def device(self) -> torch.device:
-        """Where the model's tensors (and so every row's) live; runtimes without torch weights run on the CPU."""
-        return getattr(self.model, "device", torch.device("cpu"))
+        """Where the model's tensors (and so every row's) live."""
+        return self.model.device
 
     @torch.inference_mode()
     def run(

@@ -65,6 +65,11 @@ class ExitModel(Protocol):
         """Class names, index = label id."""
         ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live, and so the rows' tensors while it runs them."""
+        ...
+
     def eval(self) -> ExitModel:
         """Switch to inference mode; returns the model."""
         ...

@@ -288,6 +288,11 @@ class OnnxMultiExitModel(ExitModel):
     def label_names(self) -> list[str]:
         return list(self.config.labels)
 
+    @property
+    def device(self) -> torch.device:
+        """ONNX Runtime sessions here run on the CPU, so the rows' tensors stay there."""
+        return torch.device("cpu")
+
     def eval(self) -> OnnxMultiExitModel:
         """Inference graphs have no training mode; returns self (as `nn.Module.eval` does)."""
         return self
