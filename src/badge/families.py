@@ -6,7 +6,8 @@ the ONNX export feeds the embeddings their inputs. Where families differ, they d
 is an `EncoderFamily` registered under the `model_type`s it serves, and nothing else in badge names one.
 
 To support another family, subclass `EncoderFamily` (or the adapter it most resembles), override what
-differs from BERT, decorate it with `@register_family`, and add a tiny config of it to the tests.
+differs from BERT, decorate it with `@register_family`, and add a tiny config of it to `FAMILIES` in
+tests/test_model.py (every family there is checked against the plain Hugging Face encoder).
 """
 
 from __future__ import annotations
