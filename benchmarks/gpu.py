@@ -28,7 +28,6 @@ from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import load_file, load_named_dataset
 from badge.device import place, resolve_device
 from badge.evaluation import encode_padded, time_policy
-from badge.packed import PACKED_FAMILIES
 
 
 def device_name(device: torch.device) -> str:
@@ -75,7 +74,7 @@ def main() -> None:
         accuracy_early = 100 * (torch.tensor(early.labels) == labels).float().mean().item()
         layer_speedup = model.num_layers / early.exit_layers.float().mean().item()
         attention = model.encoder.config._attn_implementation
-        layers = "padding-free" if model.family in PACKED_FAMILIES else f"padded, {attention}"
+        layers = "padding-free" if model.encoder_family.packable else f"padded, {attention}"
         for batch_size in args.batch_sizes:
             timing = time_policy(model, policy, inputs, batch_size, repeats=args.repeats)
             print(f"{model_dir} batch {batch_size}: plain {timing.plain_s:.4f}s engine {timing.engine_s:.4f}s")

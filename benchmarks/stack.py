@@ -47,7 +47,7 @@ from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import TextDataset, load_named_dataset
 from badge.evaluation import encode_padded, length_sorted_batches, plain_forward
 from badge.metrics import primary_metric_name, task_metrics
-from badge.onnx_engine import FAMILIES_WITHOUT_TOKEN_TYPES, OnnxEarlyExitEngine, export_onnx
+from badge.onnx_engine import OnnxEarlyExitEngine, export_onnx
 from badge.pruning import head_importance, prune_heads
 from badge.quantize import quantize_torch
 
@@ -124,7 +124,7 @@ def export_plain(model: MultiExitModel, folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     inputs = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     inputs["attention_mask"][1, 5:] = 0
-    if model.family not in FAMILIES_WITHOUT_TOKEN_TYPES:
+    if model.encoder_family.token_types:
         inputs["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)
     dynamic = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs}
     float_path, int8_path = folder / "plain.onnx", folder / "plain-int8.onnx"

@@ -10,7 +10,7 @@ from conftest import make_reviews
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
-from badge.modeling import CheckpointError
+from badge.loading import CheckpointError
 
 TEXTS = [text for text, _ in make_reviews(12, seed=5)]
 

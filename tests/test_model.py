@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ from transformers import (
 )
 
 from badge import MultiExitConfig, MultiExitModel
-from badge.modeling import CheckpointError, count_flops, damp_gradient
-from badge.packed import PACKED_FAMILIES
+from badge.exits import damp_gradient
+from badge.families import family_for
+from badge.flops import count_flops
+from badge.loading import CheckpointError
 
 SMALL = {"num_attention_heads": 4, "vocab_size": 60}
 FAMILIES = {
@@ -76,7 +79,7 @@ def test_padding_free_layers_and_pooling_weights_give_the_hugging_face_answers(f
                 expected = hidden[:, 0] if pooling == "cls" else (hidden * real).sum(1) / real.sum(1)
                 torch.testing.assert_close(torch.bmm(weights, hidden).squeeze(1), expected)
     # BERT-structured families skip the padding; the others fall back to the Hugging Face layers.
-    assert attention.packed == (family in PACKED_FAMILIES)
+    assert attention.packed == family_for(family).packable
     torch.testing.assert_close(hidden[mask.bool()], reference[mask.bool()])
 
 
@@ -161,6 +164,46 @@ def test_save_and_reload_gives_identical_logits_at_every_exit(tiny_encoder, tmp_
         assert torch.equal(a, b)
     assert reloaded.config.exit_policy == {"rule": "dge", "tau": 0.02, "patience": 2}
     assert reloaded.label_names == ["negative", "positive"]
+
+
+def test_exit_policy_lives_in_exit_policy_json_only_and_editing_it_takes_effect(tiny_encoder, tmp_path) -> None:
+    model = MultiExitModel.from_encoder(tiny_encoder, num_labels=2)
+    model.config.exit_policy = {"rule": "maxprob", "tau": 0.8}
+    model.save_pretrained(tmp_path / "model")
+    assert "exit_policy" not in json.loads((tmp_path / "model" / "config.json").read_text())
+    assert json.loads((tmp_path / "model" / "exit_policy.json").read_text()) == {"rule": "maxprob", "tau": 0.8}
+    (tmp_path / "model" / "exit_policy.json").write_text('{"rule": "patience", "patience": 2}')
+    assert MultiExitModel.from_pretrained(tmp_path / "model").config.exit_policy == {"rule": "patience", "patience": 2}
+
+
+def test_folders_of_earlier_versions_keep_their_stored_policy(tiny_encoder, tmp_path) -> None:
+    """Earlier versions wrote the policy into config.json too (the file won); older ones into config.json only."""
+    model = MultiExitModel.from_encoder(tiny_encoder, num_labels=2)
+    model.save_pretrained(tmp_path / "model")
+    folder = tmp_path / "model"
+
+    def write_config_copy(policy: dict) -> None:
+        settings = json.loads((folder / "config.json").read_text())
+        settings["exit_policy"] = policy
+        (folder / "config.json").write_text(json.dumps(settings))
+
+    (folder / "exit_policy.json").write_text('{"rule": "entropy", "tau": 0.25}')
+    write_config_copy({"rule": "entropy", "tau": 0.25})  # both copies agree: loads silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert MultiExitModel.from_pretrained(folder).config.exit_policy == {"rule": "entropy", "tau": 0.25}
+    write_config_copy({"rule": "maxprob", "tau": 0.9})  # the copies disagree: the file wins, as it always did
+    with pytest.warns(UserWarning, match=r"config.json holds exit policy .*maxprob.*exit_policy.json holds"):
+        reloaded = MultiExitModel.from_pretrained(folder)
+    assert reloaded.config.exit_policy == {"rule": "entropy", "tau": 0.25}
+    reloaded.save_pretrained(folder)  # saving again drops the stale copy
+    assert "exit_policy" not in json.loads((folder / "config.json").read_text())
+    write_config_copy({"rule": "static", "k": 2})
+    (folder / "exit_policy.json").unlink()  # no exit_policy.json at all: config.json holds the policy
+    assert MultiExitModel.from_pretrained(folder).config.exit_policy == {"rule": "static", "k": 2}
+    write_config_copy({"rule": "static", "k": "two"})
+    with pytest.raises(CheckpointError, match="exit policy .* in .*config.json is not valid"):
+        MultiExitModel.from_pretrained(folder)
 
 
 def test_corrupt_or_incomplete_checkpoint_gets_a_clear_error(tiny_encoder, tmp_path) -> None:

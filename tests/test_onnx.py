@@ -12,6 +12,7 @@ from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 from transformers import BertConfig
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
+from badge.exit_model import ExitModel
 from badge.gate import fit_gate
 from badge.onnx_engine import OnnxEarlyExitEngine, OnnxMultiExitModel, export_onnx, load_engine
 from badge.pruning import prune_heads
@@ -143,6 +144,7 @@ def test_export_folder_describes_itself_and_classifies_text(model, exported) -> 
     answered = load_engine(exported).classify(texts)
     assert answered.labels == expected.labels
     assert torch.equal(answered.exit_layers, expected.exit_layers)
+    assert isinstance(OnnxMultiExitModel(exported), ExitModel)  # what the engine drives, as the PyTorch model is
 
 
 def test_load_engine_picks_the_runtime_from_the_folder(model, exported, tmp_path) -> None:

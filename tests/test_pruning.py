@@ -8,7 +8,7 @@ from transformers import AlbertConfig
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitConfig, MultiExitModel
 from badge.data import load_file
-from badge.modeling import count_flops
+from badge.flops import count_flops
 from badge.pruning import head_importance, head_parts, heads_to_keep, prune_heads
 
 

@@ -33,8 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from badge.folders import ordinary_mode
-from badge.modeling import MultiExitModel, replace_directory
+from badge.folders import ordinary_mode, replace_directory
+from badge.modeling import MultiExitModel
 
 if TYPE_CHECKING:
     from badge.data import TextDataset

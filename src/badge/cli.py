@@ -22,9 +22,11 @@ from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits,
 from badge.device import DEVICES, DTYPES, place
 from badge.encoders import ENCODERS, EncoderNotInstalled, minilm_l6_dir, resolve_encoder
 from badge.extras import MissingExtra, require
+from badge.flops import count_flops
 from badge.folders import FolderError, check_target
+from badge.loading import CheckpointError
 from badge.metrics import exit_table, per_exit_metrics
-from badge.modeling import CheckpointError, MultiExitModel, count_flops
+from badge.modeling import MultiExitModel
 from badge.rules import ExitPolicy
 from badge.training import SCHEMES, TrainingArguments, check_run_folder, scheme_model_options, train
 

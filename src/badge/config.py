@@ -6,6 +6,7 @@ so a saved folder rebuilds the same encoder without the original checkpoint.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -44,7 +45,8 @@ class MultiExitConfig(PretrainedConfig):
             into the hidden states of layer j is divided by the number of exits at or above j (ElasticBERT).
         classifier_dropout: dropout inside every exit head.
         loss_weights: `uniform`, `ascending` or `descending` weights over exits in the joint loss.
-        exit_policy: the default exit rule and its parameters (see `badge.rules`).
+        exit_policy: the default exit rule and its parameters (see `badge.rules`). Saved to `exit_policy.json`
+            beside config.json, not into it: that file is the policy's one home (see `to_json_string`).
         heads_kept: per layer (str index) the attention heads kept after pruning, or None.
         max_seq_length: tokens per text the model was trained with; every command uses it unless told otherwise
             (named as in sentence-transformers: transformers reserves `max_length` for generation).
@@ -134,6 +136,13 @@ class MultiExitConfig(PretrainedConfig):
             self.problem_type = TASKS[0]
         if self.problem_type not in TASKS:
             raise ValueError(f"problem_type {self.problem_type!r} is not one of {list(TASKS)}")
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The text of config.json: every setting but `exit_policy`, whose one home is `exit_policy.json`
+        (`MultiExitModel.save_pretrained` writes it), so that no stale copy can disagree with it."""
+        settings = json.loads(super().to_json_string(use_diff))
+        settings.pop("exit_policy", None)
+        return json.dumps(settings, indent=2, sort_keys=True) + "\n"
 
     def backbone_config(self) -> PretrainedConfig:
         """The encoder's own `PretrainedConfig`, rebuilt from the nested dict."""

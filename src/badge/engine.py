@@ -21,7 +21,7 @@ import torch
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH
 from badge.device import place
-from badge.modeling import AttentionInputs, MultiExitModel
+from badge.exit_model import AttentionInputs, ExitModel
 from badge.rules import ExitPolicy, select_rows
 from badge.tasks import get_task
 
@@ -124,10 +124,10 @@ def _take(groups: list[_Rows], limit: int) -> _Rows:
 
 
 class EarlyExitEngine:
-    """Run a `MultiExitModel` with early exits, dropping rows from the batch as they leave.
+    """Run a multi-exit model with early exits, dropping rows from the batch as they leave.
 
     Args:
-        model: a trained multi-exit model (switched to eval mode).
+        model: a trained `ExitModel` (a `MultiExitModel`, or an export's `OnnxMultiExitModel`; switched to eval mode).
         policy: the exit policy; default the one stored with the model.
         batch_size: rows per batch.
         num_threads: torch intra-op threads for inference (None = leave as is).
@@ -140,7 +140,7 @@ class EarlyExitEngine:
 
     def __init__(
         self,
-        model: MultiExitModel,
+        model: ExitModel,
         policy: ExitPolicy | None = None,
         batch_size: int = 32,
         num_threads: int | None = None,
@@ -171,8 +171,8 @@ class EarlyExitEngine:
 
     @property
     def device(self) -> torch.device:
-        """Where the model's tensors (and so every row's) live; runtimes without torch weights run on the CPU."""
-        return getattr(self.model, "device", torch.device("cpu"))
+        """Where the model's tensors (and so every row's) live."""
+        return self.model.device
 
     @torch.inference_mode()
     def run(

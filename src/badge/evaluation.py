@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from badge.comparison import BOOTSTRAP_RESAMPLES, RuleComparison, RuleCurve, Scorer, SplitLogits, compare_rules
 from badge.data import EncodedDataset, TextDataset, collate, encode
 from badge.device import synchronize
+from badge.flops import count_flops
 from badge.gate import fit_gate
 from badge.metrics import primary_metric_name, task_metrics
-from badge.modeling import MultiExitModel, count_flops
+from badge.modeling import MultiExitModel
 from badge.rules import DIVERGENCES, RULES, ExitPolicy, simulate
 
 

@@ -144,6 +144,18 @@ def save_folder(
     return target
 
 
+def replace_directory(source: Path, target: Path) -> None:
+    """Move the finished folder `source` to `target`, so a reader never sees a half-written `target`."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
 # Files from which a tokenizer's vocabulary can be read (a fast tokenizer's tokenizer.json, or a slow one's vocabulary).
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 

@@ -5,15 +5,16 @@ damper (forward unchanged, gradient into the backbone times `gamma`) and its blo
 zero-initialised bottleneck adapter on the pooled vector (v1) or on every token before pooling (v2);
 the final exit is an ordinary classifier on the last layer. Training can add self-distillation of the
 intermediate exits from the final one and ElasticBERT's gradient equilibrium (see `MultiExitConfig`).
-The model also exposes its pieces (`embed`, `attention_inputs`, `run_layer`, `exit_logits`) so that
-an inference engine can run it layer by layer and stop early.
+The model also exposes its pieces (`embed`, `attention_inputs`, `run_layer`, `exit_logits`: the
+`ExitModel` protocol) so that an inference engine can run it layer by layer and stop early. What differs
+between encoder families is the family's adapter (`badge.families`); the exit heads and bypasses are in
+`badge.exits`, reading saved folders in `badge.loading`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,95 +25,34 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import ModelOutput
 
+from badge.attention_heads import apply_heads_kept
 from badge.config import DEFAULT_MAX_SEQ_LENGTH, MultiExitConfig
 from badge.device import resolve_dtype
-from badge.folders import TOKENIZER_FILES, load_tokenizer, refuse_shipped_code, save_folder
-from badge.packed import PACKED_FAMILIES, packed_layer, real_tokens, tokens_from_lengths
-from badge.rules import ExitPolicy
+from badge.exit_model import AttentionInputs, ExitModel
+from badge.exits import Bypass, ExitHead, damp_gradient
+from badge.families import family_for
+from badge.folders import save_folder
+from badge.loading import (
+    EXIT_POLICY_FILE,
+    CheckpointError,
+    check_encoder_folder,
+    check_exists,
+    check_model_folder,
+    declared_pooling,
+    hub_options,
+    read_model_config,
+    read_tokenizer,
+    unreadable,
+)
+from badge.packed import real_tokens, tokens_from_lengths
 from badge.tasks import get_task
-
-SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert", "mpnet")
-EXIT_POLICY_FILE = "exit_policy.json"
-# Keyword arguments of `from_pretrained` that say where files come from (a folder or the Hugging Face Hub).
-HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder")
-
-
-class CheckpointError(ValueError):
-    """A model folder that is missing files or holds unreadable weights."""
-
-
-class _GradientDamper(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `gamma` on the way back."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, gamma: float) -> torch.Tensor:
-        ctx.gamma = gamma
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad * ctx.gamma, None
-
-
-def damp_gradient(x: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Return `x` unchanged; gradients flowing back through it are scaled by `gamma`."""
-    if gamma >= 1.0 or not torch.is_grad_enabled():
-        return x
-    return _GradientDamper.apply(x, gamma)
-
-
-class Bypass(nn.Module):
-    """Bottleneck adapter `W_up GELU(W_down LN(x))`; `W_up` starts at zero so training starts as plain multi-exit."""
-
-    def __init__(self, hidden_size: int, bypass_dim: int, eps: float = 1e-12) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(hidden_size, eps=eps)
-        self.down = nn.Linear(hidden_size, bypass_dim)
-        self.up = nn.Linear(bypass_dim, hidden_size)
-        self.up.zero_init = True  # read by MultiExitModel._init_weights
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(nn.functional.gelu(self.down(self.norm(x))))  # (B, d)
-
-
-class ExitHead(nn.Module):
-    """Small classifier on a pooled vector: dense + tanh (as BERT's pooler), then a linear layer to the labels."""
-
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.dense = nn.Linear(hidden_size, hidden_size)
-        self.out = nn.Linear(hidden_size, num_labels)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        if not self.training:  # skip the no-op dropout calls: at batch 1 an exit costs ~15 % of a layer
-            return self.out(torch.tanh(self.dense(pooled)))  # (B, K)
-        x = torch.tanh(self.dense(self.dropout(pooled)))
-        return self.out(self.dropout(x))  # (B, K)
-
-
-@dataclass
-class AttentionInputs:
-    """What the layers and exits need besides the hidden states, prepared once per batch of rows.
-
-    mask: the layers' attention mask (None where no row is padded); position_bias: MPNet's relative
-    position bias; pool_weights: (B, 1, T) weights that pool hidden states (B, T, d) into (B, 1, d);
-    packed: run the layers on real tokens only (`badge.packed`), with `tokens` their flat indices.
-    """
-
-    mask: torch.Tensor | None
-    position_bias: torch.Tensor | None = None
-    pool_weights: torch.Tensor | None = None
-    packed: bool = False
-    tokens: torch.Tensor | None = None  # real-token indices for the packed layers (None: no padding)
 
 
 @dataclass
@@ -126,8 +66,11 @@ class MultiExitOutput(ModelOutput):
     exit_losses: torch.Tensor | None = None
 
 
-class MultiExitModel(PreTrainedModel):
-    """A multi-exit classifier over any supported Hugging Face encoder (see `SUPPORTED_FAMILIES`)."""
+class MultiExitModel(PreTrainedModel, ExitModel):
+    """A multi-exit classifier over any Hugging Face encoder whose family has an adapter (`badge.families`).
+
+    `family` is the encoder's `model_type`; `encoder_family` the adapter that knows how to drive it.
+    """
 
     config_class = MultiExitConfig
     base_model_prefix = "multi_exit"
@@ -137,17 +80,12 @@ class MultiExitModel(PreTrainedModel):
         super().__init__(config)
         backbone_config = config.backbone_config()
         self.family = backbone_config.model_type
-        if self.family not in SUPPORTED_FAMILIES:
-            raise ValueError(
-                f"encoder family {self.family!r} is not supported; expected one of {list(SUPPORTED_FAMILIES)}"
-            )
+        self.encoder_family = family_for(self.family)
         self.encoder = encoder if encoder is not None else AutoModel.from_config(backbone_config)
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler = None  # unused: exits pool for themselves, and unused weights break DDP
         if config.heads_kept:
-            from badge.pruning import apply_heads_kept
-
-            apply_heads_kept(self, {int(k): v for k, v in config.heads_kept.items()})
+            apply_heads_kept(self.encoder, self.encoder_family, {int(k): v for k, v in config.heads_kept.items()})
         hidden = backbone_config.hidden_size
         num_labels = config.num_labels
         self.exits = nn.ModuleDict(
@@ -190,10 +128,7 @@ class MultiExitModel(PreTrainedModel):
         position limit.
         """
         value = self.config.max_seq_length or DEFAULT_MAX_SEQ_LENGTH if requested is None else requested
-        backbone = self.encoder.config
-        limit = getattr(backbone, "max_position_embeddings", None)
-        if limit is not None and self.family in ("roberta", "xlm-roberta"):
-            limit -= backbone.pad_token_id + 1  # positions start after the padding index
+        limit = self.encoder_family.position_limit(self.encoder.config)
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
             raise ValueError(f"max length {value!r} must be an integer >= 2 (tokens per text, special tokens included)")
         if limit is not None and value > limit:
@@ -216,24 +151,9 @@ class MultiExitModel(PreTrainedModel):
             init.zeros_(module.bias)
 
     # ----- layer-by-layer pieces (used by forward and by the engines) ------------------------
-    def _layer_modules(self) -> nn.ModuleList:
-        if self.family == "distilbert":
-            return self.encoder.transformer.layer
-        return self.encoder.encoder.layer
-
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding output `h_0`, shape (B, T, d)."""
-        embeddings = self.encoder.embeddings
-        if self.family == "distilbert":
-            return embeddings(input_ids)
-        if self.family == "mpnet":
-            return embeddings(input_ids=input_ids)
-        hidden = embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        if self.family == "electra" and hasattr(self.encoder, "embeddings_project"):
-            hidden = self.encoder.embeddings_project(hidden)
-        if self.family == "albert":
-            hidden = self.encoder.encoder.embedding_hidden_mapping_in(hidden)
-        return hidden
+        return self.encoder_family.embed(self.encoder, input_ids, token_type_ids)
 
     def attention_inputs(
         self,
@@ -242,16 +162,16 @@ class MultiExitModel(PreTrainedModel):
         packed: bool = False,
         lengths: torch.Tensor | None = None,
     ) -> AttentionInputs:
-        """Prepare the mask (and MPNet's relative position bias) for hidden states of shape (B, T, d).
+        """Prepare the mask (and the family's position bias, e.g. MPNet's) for hidden states of shape (B, T, d).
 
-        `packed=True` asks for padding-free layers (inference only); families outside
-        `PACKED_FAMILIES` and a model in training mode keep the Hugging Face layers. `lengths` (B,), a
+        `packed=True` asks for padding-free layers (inference only); families whose adapter is not
+        `packable` and a model in training mode keep the Hugging Face layers. `lengths` (B,), a
         host (CPU) copy of the real tokens per row, lets a model on a GPU prepare the masks without
         waiting for the device (reading the mask's contents on the host would).
         """
         weights = self.pool_weights(attention_mask, hidden.dtype)
         width = attention_mask.shape[1]
-        if packed and self.family in PACKED_FAMILIES and not self.training:
+        if packed and self.encoder_family.packable and not self.training:
             if lengths is None:
                 tokens = real_tokens(attention_mask)
             else:
@@ -259,7 +179,7 @@ class MultiExitModel(PreTrainedModel):
             # The packed layers call SDPA themselves: a (B, 1, 1, T) key-padding mask, none without padding.
             mask = None if tokens is None else attention_mask.bool()[:, None, None, :]
             return AttentionInputs(mask, None, weights, packed=True, tokens=tokens)
-        bias = self.encoder.encoder.compute_position_bias(hidden) if self.family == "mpnet" else None
+        bias = self.encoder_family.position_bias(self.encoder, hidden)
         implementation = self.encoder.config._attn_implementation
         if lengths is not None and bool((lengths == width).all()):
             mask = None  # no padding: the layers need no mask
@@ -279,19 +199,7 @@ class MultiExitModel(PreTrainedModel):
 
     def run_layer(self, layer: int, hidden: torch.Tensor, attention: AttentionInputs) -> torch.Tensor:
         """Apply 1-based transformer layer `layer` to hidden states (B, T, d)."""
-        if self.family == "albert":
-            albert = self.encoder.encoder
-            groups = self.encoder.config.num_hidden_groups
-            group = int((layer - 1) / (self.num_layers / groups))
-            return albert.albert_layer_groups[group](hidden, attention.mask)
-        module = self._layer_modules()[layer - 1]
-        if attention.packed:
-            return packed_layer(module, hidden, attention.mask, attention.tokens)
-        if self.family == "mpnet":
-            out = module(hidden, attention.mask, attention.position_bias)
-        else:
-            out = module(hidden, attention.mask)
-        return out[0] if isinstance(out, tuple) else out
+        return self.encoder_family.run_layer(self.encoder, layer, hidden, attention)
 
     def pool_weights(self, attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, 1, T) pooling weights by the configured `pooling`: one-hot on the first token (`cls`) or the
@@ -431,15 +339,10 @@ class MultiExitModel(PreTrainedModel):
                 `token`, `local_files_only` ...; see `HUB_OPTIONS`).
             exit_options: any `MultiExitConfig` field (`use_bypass`, `gamma`, `block_size`, `pooling` ...).
         """
-        hub = _hub_options(load_options or {})
-        _check_exists(path)
+        hub = hub_options(load_options or {})
+        check_exists(path)
         if os.path.isdir(path):
-            folder = Path(path) / hub.get("subfolder", "")
-            if not (folder / "config.json").is_file():
-                raise CheckpointError(f"{folder} has no config.json: expected a Hugging Face encoder folder")
-            if not (folder / "model.safetensors").is_file():
-                raise CheckpointError(f"{folder} has no model.safetensors: only safetensors weights are loaded")
-            refuse_shipped_code(folder)
+            check_encoder_folder(Path(path) / hub.get("subfolder", ""))
         if label_names is not None:
             num_labels = len(label_names) if num_labels is None else num_labels
             if num_labels != len(label_names):
@@ -454,7 +357,7 @@ class MultiExitModel(PreTrainedModel):
                 path, config=backbone, use_safetensors=True, trust_remote_code=False, **hub
             )
         except (OSError, ValueError) as error:
-            raise CheckpointError(_unreadable(path, error)) from error
+            raise CheckpointError(unreadable(path, error)) from error
         exit_options.setdefault("pooling", declared_pooling(path, hub))
         config = MultiExitConfig(
             backbone=backbone.to_dict(),
@@ -465,14 +368,13 @@ class MultiExitModel(PreTrainedModel):
             **exit_options,
         )
         model = cls(config, encoder=encoder)
-        if os.path.isdir(path):
-            model.tokenizer = load_tokenizer(Path(path) / hub.get("subfolder", ""), encoder.config.vocab_size)
-        else:
-            model.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, **hub)
+        model.tokenizer = read_tokenizer(path, hub, encoder.config.vocab_size, required=True)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save config, safetensors weights, tokenizer and `exit_policy.json` into `save_directory`.
+
+        The exit policy is written to `exit_policy.json` only (its one home: config.json does not repeat it).
 
         Each file is replaced atomically and every other file in the folder is kept (`badge.folders`);
         a folder of another kind (an ONNX export, a plain encoder) is refused with `FolderError`.
@@ -498,219 +400,29 @@ class MultiExitModel(PreTrainedModel):
 
         Takes the keyword arguments of `PreTrainedModel.from_pretrained` (`revision`, `cache_dir`, `token`,
         `local_files_only`, `dtype`, `device_map` ...), so `AutoModel` and `pipeline` load it as well.
-        `exit_policy.json` next to the weights wins over the policy in `config.json`; the tokenizer is
-        loaded when the model's files include one.
+        `config` (a `MultiExitConfig`, or where to read one) defaults to the model's own config.json; the exit
+        policy comes from `exit_policy.json` (`badge.loading.stored_exit_policy`); the tokenizer is loaded
+        when the model's files include one.
         """
         source = str(pretrained_model_name_or_path)
-        hub = _hub_options(kwargs)
-        _check_exists(source)
+        hub = hub_options(kwargs)
+        check_exists(source)
         if os.path.isdir(source):
-            folder = Path(source) / hub.get("subfolder", "")
-            if not (folder / "config.json").is_file():
-                raise CheckpointError(f"{folder} is not a saved BADGE model: config.json is missing")
-            if not (folder / "model.safetensors").is_file():
-                raise CheckpointError(f"{folder} is not a saved BADGE model: model.safetensors is missing")
-            refuse_shipped_code(folder)
-            if config is None:
-                config = read_config(folder)  # names a wrong type or range in the file
+            check_model_folder(Path(source) / hub.get("subfolder", ""))
         if kwargs.get("use_safetensors") is False:
             raise ValueError("use_safetensors=False: BADGE models are loaded from safetensors weights only")
         kwargs["use_safetensors"] = True
         kwargs.pop("trust_remote_code", None)  # the model's code is this module: nothing remote ever runs
-        if not isinstance(config, PretrainedConfig):
-            try:
-                config = MultiExitConfig.from_pretrained(config or source, **hub)
-            except (OSError, ValueError) as error:
-                raise CheckpointError(_unreadable(source, error, "config.json")) from error
-        if not isinstance(config, MultiExitConfig):
-            raise CheckpointError(
-                f"{source} holds a {type(config).__name__} ({config.model_type!r}), not a BADGE model "
-                f"({MultiExitConfig.model_type!r}): build one with MultiExitModel.from_encoder"
-            )
-        policy_file = _optional_file(source, EXIT_POLICY_FILE, hub)
-        if policy_file is not None:
-            try:
-                config.exit_policy = json.loads(policy_file.read_text())
-            except json.JSONDecodeError as error:
-                raise CheckpointError(f"{policy_file} is not valid JSON: {error}") from error
-        check_exit_policy(config.exit_policy, policy_file or Path(source) / "config.json")
+        config = read_model_config(source, hub, config)
         try:
             model = super().from_pretrained(source, *model_args, config=config, **kwargs)
         except Exception as error:  # safetensors raises its own types for truncated or corrupt files
-            raise CheckpointError(_unreadable(source, error, "model.safetensors")) from error
+            raise CheckpointError(unreadable(source, error, "model.safetensors")) from error
         requested = kwargs.get("dtype", kwargs.get("torch_dtype"))
         if requested not in (None, "auto"):  # the encoder is built from its own config, in its own dtype
             model = model.to(resolve_dtype(requested))
-        if os.path.isdir(source):
-            folder = Path(source) / hub.get("subfolder", "")
-            if any((folder / name).is_file() for name in TOKENIZER_FILES):
-                model.tokenizer = load_tokenizer(folder, model.encoder.config.vocab_size)
-        elif _optional_file(source, "tokenizer_config.json", hub) is not None:
-            model.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False, **hub)
+        model.tokenizer = read_tokenizer(source, hub, model.encoder.config.vocab_size, required=False)
         return model
-
-
-def read_config(path: Path) -> MultiExitConfig:
-    """The `MultiExitConfig` in `path/config.json`; `CheckpointError` naming the file when a value has the wrong
-    type or range (a string for `num_labels`, a list for `id2label` ...)."""
-    try:
-        config = MultiExitConfig.from_pretrained(path)
-        config.backbone_config()
-        names = [config.id2label[i] for i in range(config.num_labels)]
-    except Exception as error:  # a config is user data: any failure to read it is the file's fault
-        raise CheckpointError(
-            f"{path}/config.json cannot be read as a BADGE model config ({type(error).__name__}: {error}); "
-            "expected the file `save_pretrained` wrote"
-        ) from error
-    if not all(isinstance(name, str) for name in names):
-        raise CheckpointError(f"{path}/config.json: label names {names} must be strings")
-    return config
-
-
-def check_exit_policy(policy: Any, where: Path) -> None:
-    """Raise `CheckpointError` naming `where` unless `policy` is a valid exit policy (`ExitPolicy.from_dict`)."""
-    example = '{"rule": "entropy", "tau": 0.3}'
-    if not isinstance(policy, dict):
-        raise CheckpointError(f"exit policy {policy!r} in {where} is not an object; expected one like {example}")
-    try:
-        ExitPolicy.from_dict(policy)
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(
-            f"exit policy {policy} in {where} is not valid: {error}; expected one like {example}"
-        ) from error
-
-
-def _hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The `from_pretrained` keyword arguments that say where files come from (see `HUB_OPTIONS`)."""
-    return {key: kwargs[key] for key in HUB_OPTIONS if kwargs.get(key) is not None}
-
-
-def _check_exists(source: str | os.PathLike) -> None:
-    """Refuse a path that names a local folder (absolute, relative with ./, or deeper than `namespace/name`)
-    but does not exist, rather than asking the Hub for it."""
-    text = str(source)
-    local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
-    if local and not os.path.exists(os.path.expanduser(text)):
-        raise CheckpointError(
-            f"{text} does not exist: expected a model folder or a Hugging Face Hub id (namespace/name)"
-        )
-
-
-def _optional_file(source: str | os.PathLike, filename: str, hub: dict[str, Any]) -> Path | None:
-    """Path of `filename` in a model folder or Hub repository (downloaded if need be), None where it has none."""
-    found = cached_file(
-        str(source),
-        filename,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub,
-    )
-    return Path(found) if found else None
-
-
-def _unreadable(source: str | os.PathLike, error: Exception, filename: str | None = None) -> str:
-    """The message for a model that cannot be read: a broken local file, or a Hub id that cannot be fetched."""
-    if os.path.isdir(source):
-        return f"{Path(source) / filename if filename else source} cannot be loaded: {error}"
-    return (
-        f"{source} is not a local folder and cannot be loaded from the Hugging Face Hub "
-        f"(a typo in the path, no network, or a private repository without a token?): {error}"
-    )
-
-
-def declared_pooling(path: str | os.PathLike, hub: dict[str, Any] | None = None) -> str:
-    """Pooling a sentence-transformers checkpoint (folder or Hub id) declares in `1_Pooling/config.json`, else `cls`."""
-    pooling_file = _optional_file(path, "1_Pooling/config.json", hub or {})
-    if pooling_file is not None:
-        declared = json.loads(pooling_file.read_text())
-        if declared.get("pooling_mode_mean_tokens"):
-            return "mean"
-    return "cls"
-
-
-def replace_directory(source: Path, target: Path) -> None:
-    """Move the finished folder `source` to `target`, so a reader never sees a half-written `target`."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, target)
-
-
-@dataclass
-class FlopCount:
-    """Floating-point operations (2 per multiply-add) for one sequence of `seq_len` tokens."""
-
-    seq_len: int
-    per_layer: float
-    per_exit_head: float
-    per_bypass: float
-    num_layers: int
-    num_exits: int
-    num_bypassed_exits: int
-
-    @property
-    def backbone(self) -> float:
-        return self.per_layer * self.num_layers
-
-    @property
-    def exits_and_bypasses(self) -> float:
-        return self.per_exit_head * self.num_exits + self.per_bypass * self.num_bypassed_exits
-
-    @property
-    def total(self) -> float:
-        return self.backbone + self.exits_and_bypasses
-
-    def cost_to_exit(self, layer: int, exits_evaluated: int, bypasses_evaluated: int) -> float:
-        """FLOPs spent by a sample that leaves after `layer` having evaluated the given exits."""
-        return self.per_layer * layer + self.per_exit_head * exits_evaluated + self.per_bypass * bypasses_evaluated
-
-    def summary(self) -> str:
-        extra = self.exits_and_bypasses / self.backbone
-        bypass_share = self.per_bypass * self.num_bypassed_exits / self.backbone
-        return (
-            f"FLOPs per sequence of {self.seq_len} tokens: backbone {self.backbone / 1e9:.3f} G, "
-            f"exits + bypasses {self.exits_and_bypasses / 1e6:.3f} M ({100 * extra:.3f} % extra, "
-            f"of which bypasses {100 * bypass_share:.4f} %)"
-        )
-
-
-def count_flops(model: MultiExitModel, seq_len: int = 128) -> FlopCount:
-    """Count FLOPs of the model's layers, exit heads and bypasses for one sequence of `seq_len` tokens."""
-    backbone = model.config.backbone_config()
-    d = backbone.hidden_size
-    ff = backbone.intermediate_size if hasattr(backbone, "intermediate_size") else backbone.hidden_dim
-    heads = backbone.num_attention_heads
-    head_dim = d // heads
-    kept = [len(h) for h in model.config.heads_kept.values()] if model.config.heads_kept else []
-    mean_heads = sum(kept) / len(kept) if kept else heads
-    attn_width = mean_heads * head_dim
-    t = seq_len
-    per_layer = (
-        2 * t * d * attn_width * 4  # Q, K, V and output projections
-        + 2 * 2 * t * t * attn_width  # scores and weighted sum
-        + 2 * 2 * t * d * ff  # feed-forward in and out
-    )
-    k = model.config.num_labels
-    pool = t * d if model.config.pooling == "mean" else 0
-    per_exit_head = pool + 2 * d * d + 2 * d * k
-    r = model.config.bypass_dim
-    per_bypass = 2 * d * r * 2 + 5 * d  # down, up, layer norm
-    if model._token_bypass:  # v2 on tokens: the adapter runs on every token, then one more pooling
-        per_bypass = per_bypass * t + t * d
-    bypassed = len(model.intermediate_layers) if model.config.use_bypass else 0
-    return FlopCount(
-        seq_len=seq_len,
-        per_layer=float(per_layer),
-        per_exit_head=float(per_exit_head),
-        per_bypass=float(per_bypass),
-        num_layers=model.num_layers,
-        num_exits=len(model.exit_layers),
-        num_bypassed_exits=bypassed,
-    )
 
 
 # After `import badge`, transformers' Auto classes (and so `pipeline("text-classification")`) load saved models.

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from badge.engine import EarlyExitEngine, EngineOutput, check_right_padded, predictions_from_logits
+from badge.exit_model import AttentionInputs, ExitModel
 from badge.folders import TOKENIZER_FILES, load_tokenizer, save_folder
-from badge.modeling import AttentionInputs, MultiExitModel
+from badge.modeling import MultiExitModel
 from badge.onnx_graph import EarlyExitGraph
 from badge.quantize import check_mode, quantize_onnx
 from badge.rules import ExitPolicy
@@ -40,7 +41,6 @@ from badge.rules import ExitPolicy
 MANIFEST_FILE = "manifest.json"
 FORMAT = "badge-onnx"  # the `format` key of a manifest
 OPSET = 18
-FAMILIES_WITHOUT_TOKEN_TYPES = ("distilbert", "mpnet")
 ENGINES = ("auto", "torch", "onnx")
 GRAPH_MODES = ("auto", "one", "layers")
 _EXPORTER_REGISTRY_LOG = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -159,7 +159,7 @@ def _example_inputs(model: MultiExitModel) -> dict[str, torch.Tensor]:
     attention_mask = torch.ones(2, 8, dtype=torch.long)
     attention_mask[1, 5:] = 0
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if model.family not in FAMILIES_WITHOUT_TOKEN_TYPES:
+    if model.encoder_family.token_types:
         inputs["token_type_ids"] = torch.zeros_like(input_ids)
     return inputs
 
@@ -226,11 +226,12 @@ def _export_pieces(model: MultiExitModel, folder: Path, quantize: str | None) ->
 
 
 # ----- inference -----------------------------------------------------------------------------
-class OnnxMultiExitModel:
-    """ONNX Runtime sessions of an exported model, with the layer-by-layer methods of `MultiExitModel`.
+class OnnxMultiExitModel(ExitModel):
+    """ONNX Runtime sessions of an exported model, implementing the `ExitModel` protocol as `MultiExitModel` does.
 
     `embed`, `attention_inputs`, `run_layer` and `exit_logits` take and return torch tensors, so
-    `EarlyExitEngine` drives this object exactly as it drives the PyTorch model.
+    `EarlyExitEngine` drives this object exactly as it drives the PyTorch model. Its `config` is the
+    export's `Manifest`.
 
     Args:
         export_dir: a folder written by `export_onnx`.
@@ -286,6 +287,11 @@ class OnnxMultiExitModel:
     @property
     def label_names(self) -> list[str]:
         return list(self.config.labels)
+
+    @property
+    def device(self) -> torch.device:
+        """ONNX Runtime sessions here run on the CPU, so the rows' tensors stay there."""
+        return torch.device("cpu")
 
     def eval(self) -> OnnxMultiExitModel:
         """Inference graphs have no training mode; returns self (as `nn.Module.eval` does)."""

@@ -7,7 +7,8 @@ layer (query/key/value, attention output, feed-forward: nearly all of its FLOPs)
 packed real tokens (N, d); only the attention itself sees the padded (B, T) layout. Same weights
 and same operations as the Hugging Face layer (BERT, MiniLM, RoBERTa, XLM-R, ELECTRA), equal
 within float rounding; inference only (no dropout, no gradients needed). Every operation here
-(index_select, index_copy_, SDPA) runs on any device, so the path is the same on a GPU.
+(index_select, index_copy_, SDPA) runs on any device, so the path is the same on a GPU. Which families
+have such layers is an adapter's `packable` (`badge.families`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional
-
-PACKED_FAMILIES = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
 
 
 def real_tokens(attention_mask: torch.Tensor) -> torch.Tensor | None:

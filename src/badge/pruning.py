@@ -5,65 +5,29 @@ mask `xi_h = 1` on each head's output, accumulate `|dL / dxi_h|` over a labelled
 layer (L2). The mask is a forward pre-hook on the attention output projection, whose input is the
 heads' outputs side by side (transformers 5 has no `head_mask` any more).
 
-Pruning slices the query, key and value projections' output features and the output projection's
-input features, so a pruned layer is smaller and faster, not merely masked. The kept heads are
-recorded in `config.heads_kept` (`{"1": [0, 2, 3], ...}`: 1-based layer -> original head ids), and
-`MultiExitModel.__init__` calls `apply_heads_kept` so that loading a pruned folder rebuilds the same
-shapes before the weights are read.
+Pruning cuts the chosen heads out of the weight matrices (`badge.attention_heads`), so a pruned layer
+is smaller and faster, not merely masked. The kept heads are recorded in `config.heads_kept`
+(`{"1": [0, 2, 3], ...}`: 1-based layer -> original head ids), from which loading a pruned folder
+rebuilds the same shapes. Which families can be pruned is their adapter's `prunable` (`badge.families`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from badge.data import TextDataset
-from badge.evaluation import make_loader
+from badge.attention_heads import keep_heads
+from badge.data import EncodedDataset, TextDataset, collate, encode
+from badge.families import HeadParts
 from badge.modeling import MultiExitModel
-
-PRUNABLE_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
-
-
-@dataclass
-class HeadParts:
-    """The modules of one layer's attention that head pruning touches.
-
-    attention: the module holding the head count (`head_count_name`) and `attention_head_size`.
-    projections: query, key and value: their output features are the heads side by side.
-    output: the output projection: its input features are the heads side by side.
-    """
-
-    attention: nn.Module
-    projections: list[nn.Linear]
-    output: nn.Linear
-    head_count_name: str
-
-    @property
-    def head_size(self) -> int:
-        return self.attention.attention_head_size
-
-    @property
-    def num_heads(self) -> int:
-        return getattr(self.attention, self.head_count_name)
 
 
 def head_parts(model: MultiExitModel, layer: int) -> HeadParts:
     """The attention modules of 1-based `layer`; raises ValueError for families without head pruning."""
-    if model.family not in PRUNABLE_FAMILIES:
-        raise ValueError(
-            f"head pruning supports the families {list(PRUNABLE_FAMILIES)}; this model is {model.family!r}"
-        )
-    if model.family == "distilbert":
-        attention = model.encoder.transformer.layer[layer - 1].attention
-        return HeadParts(attention, [attention.q_lin, attention.k_lin, attention.v_lin], attention.out_lin, "n_heads")
-    attention = model.encoder.encoder.layer[layer - 1].attention
-    self_attention = attention.self
-    projections = [self_attention.query, self_attention.key, self_attention.value]
-    return HeadParts(self_attention, projections, attention.output.dense, "num_attention_heads")
+    return model.encoder_family.head_parts(model.encoder, layer)
 
 
 def current_heads(model: MultiExitModel) -> dict[int, list[int]]:
@@ -74,53 +38,16 @@ def current_heads(model: MultiExitModel) -> dict[int, list[int]]:
     return heads
 
 
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Keep only rows (dim 0, output features) or columns (dim 1, input features) `index` of a Linear, in place."""
-    index = index.to(linear.weight.device)
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(dim, index).clone())
-    if dim == 0:
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).clone())
-        linear.out_features = len(index)
-    else:
-        linear.in_features = len(index)
-
-
-def _keep_heads(parts: HeadParts, positions: list[int]) -> None:
-    """Keep the heads at `positions` (0-based, among the layer's current heads) of one layer, in place."""
-    size = parts.head_size
-    features = torch.tensor([position * size + offset for position in positions for offset in range(size)])
-    for projection in parts.projections:
-        _slice_linear(projection, features, dim=0)
-    _slice_linear(parts.output, features, dim=1)
-    setattr(parts.attention, parts.head_count_name, len(positions))
-    if hasattr(parts.attention, "all_head_size"):
-        parts.attention.all_head_size = len(positions) * size
-
-
-def apply_heads_kept(model: MultiExitModel, heads_kept: dict[int, list[int]]) -> None:
-    """Cut a model that still has all its heads down to `heads_kept` (1-based layer -> original head ids).
-
-    Called by `MultiExitModel.__init__` before the weights load, so that a pruned folder's tensors fit.
-    """
-    total = model.config.backbone_config().num_attention_heads
-    for layer, heads in sorted(heads_kept.items()):
-        if not 1 <= layer <= model.num_layers:
-            raise ValueError(f"heads_kept names layer {layer}; the model has layers 1..{model.num_layers}")
-        bad = [head for head in heads if not 0 <= head < total]
-        if not heads or bad or len(set(heads)) != len(heads):
-            raise ValueError(
-                f"heads_kept for layer {layer} is {heads}: expected 1 to {total} distinct head ids in 0..{total - 1}"
-            )
-        _keep_heads(head_parts(model, layer), sorted(heads))
-
-
 def _to_loader(data: TextDataset | DataLoader, model: MultiExitModel, batch_size: int, max_length: int) -> DataLoader:
+    """`data` itself when it is a DataLoader, else its texts encoded with the model's tokenizer, in order."""
     if isinstance(data, DataLoader):
         return data
-    if model.tokenizer is None:
+    tokenizer = model.tokenizer
+    if tokenizer is None:
         raise ValueError("the model has no tokenizer to encode the dataset: pass a DataLoader instead")
-    return make_loader(data, model.tokenizer, max_length, batch_size, shuffle=False)
+    pad = tokenizer.pad_token_id or 0
+    encoded = EncodedDataset(encode(data, tokenizer, max_length))
+    return DataLoader(encoded, batch_size=batch_size, collate_fn=lambda rows: collate(rows, pad))
 
 
 def _mask_hook(mask: torch.Tensor, head_size: int) -> Callable[[nn.Module, tuple], tuple]:
@@ -226,7 +153,7 @@ def prune_heads(model: MultiExitModel, fraction: float, importance: torch.Tensor
     """Remove the `fraction` least important attention heads of `model`, in place, and return it.
 
     Args:
-        model: a multi-exit model of a family in `PRUNABLE_FAMILIES` (it may be pruned already).
+        model: a multi-exit model whose family's adapter is `prunable` (it may be pruned already).
         fraction: share of the model's present heads to remove, in [0, 1); every layer keeps at least one.
         importance: (L, H) from `head_importance`; None = `weight_importance` (no data needed, cruder).
     Returns:
@@ -239,6 +166,6 @@ def prune_heads(model: MultiExitModel, fraction: float, importance: torch.Tensor
     for layer, heads in after.items():
         positions = [before[layer].index(head) for head in heads]
         if len(positions) < len(before[layer]):
-            _keep_heads(head_parts(model, layer), positions)
+            keep_heads(head_parts(model, layer), positions)
     model.config.heads_kept = {str(layer): heads for layer, heads in after.items()}
     return model
