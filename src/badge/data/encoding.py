@@ -1,0 +1,94 @@
+"""Tokenising and batching: `encode` tokenises without padding; `collate` pads one batch."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from badge.data.dataset import TextDataset
+
+
+@dataclass
+class Encoded:
+    """Token ids of a dataset, unpadded: one list per example."""
+
+    input_ids: list[list[int]]
+    attention_mask: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list
+    n_truncated: int
+
+
+def encode(dataset: TextDataset, tokenizer: Any, max_length: int = 128) -> Encoded:
+    """Tokenise `dataset` (pairs too) without padding, cutting each example to `max_length` tokens.
+
+    Warns once with the number of examples that were cut. `token_type_ids` is kept only if the
+    tokenizer returns it.
+    """
+    pairs = dataset.text_pairs
+    # Tokenising to max_length + 1 shows which examples are too long; only those are tokenised again.
+    batch = tokenizer(dataset.texts, pairs, truncation=True, max_length=max_length + 1)
+    too_long = [i for i, ids in enumerate(batch["input_ids"]) if len(ids) > max_length]
+    if too_long:
+        cut = tokenizer(
+            [dataset.texts[i] for i in too_long],
+            [pairs[i] for i in too_long] if pairs else None,
+            truncation=True,
+            max_length=max_length,
+        )
+        for key in batch:
+            for row, index in enumerate(too_long):
+                batch[key][index] = cut[key][row]
+        warnings.warn(
+            f"{len(too_long)} of {len(dataset)} examples of {dataset.source} are longer than "
+            f"{max_length} tokens and were truncated",
+            stacklevel=2,
+        )
+    return Encoded(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch.get("token_type_ids"),
+        labels=list(dataset.labels),
+        n_truncated=len(too_long),
+    )
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """`Encoded` as a torch Dataset; items are dicts for `collate` (labels only when there are labels)."""
+
+    def __init__(self, encoded: Encoded):
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {"input_ids": self.encoded.input_ids[index], "attention_mask": self.encoded.attention_mask[index]}
+        if self.encoded.token_type_ids is not None:
+            item["token_type_ids"] = self.encoded.token_type_ids[index]
+        if self.encoded.labels:
+            item["labels"] = self.encoded.labels[index]
+        return item
+
+
+def collate(batch_rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `EncodedDataset` items into tensors.
+
+    Returns input_ids, attention_mask (and token_type_ids) as (B, T) long tensors, T = the longest
+    row, and labels as (B,) long (single-label), (B, K) float (multi-label) or (B,) float (regression).
+    """
+    width = max(len(row["input_ids"]) for row in batch_rows)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([row[key] + [value] * (width - len(row[key])) for row in batch_rows], dtype=torch.long)
+
+    batch = {"input_ids": pad("input_ids", pad_token_id), "attention_mask": pad("attention_mask", 0)}  # (B, T)
+    if "token_type_ids" in batch_rows[0]:
+        batch["token_type_ids"] = pad("token_type_ids", 0)  # (B, T)
+    if "labels" in batch_rows[0]:
+        labels = [row["labels"] for row in batch_rows]
+        batch["labels"] = torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float)
+    return batch
