@@ -19,7 +19,8 @@ import transformers
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import load_named_dataset
-from badge.evaluation import encode_padded, time_policy
+from badge.logits import encode_padded
+from badge.timing import time_policy
 
 
 def main() -> None:

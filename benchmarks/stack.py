@@ -45,7 +45,7 @@ from torch import nn
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import TextDataset, load_named_dataset
-from badge.evaluation import encode_padded, length_sorted_batches, plain_forward
+from badge.logits import encode_padded, length_sorted_batches, plain_forward
 from badge.metrics import primary_metric_name, task_metrics
 from badge.onnx_engine import FAMILIES_WITHOUT_TOKEN_TYPES, OnnxEarlyExitEngine, export_onnx
 from badge.pruning import head_importance, prune_heads

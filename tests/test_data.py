@@ -12,7 +12,6 @@ import torch
 from conftest import fake_wheel
 from transformers import BertTokenizerFast
 
-from badge.data import named
 from badge.data import (
     DataError,
     EncodedDataset,
@@ -25,6 +24,7 @@ from badge.data import (
     load_file,
     load_named_dataset,
     load_splits,
+    named,
     normalize_text,
     training_overlap,
 )

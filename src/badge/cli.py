@@ -132,7 +132,8 @@ def run_training(
 
 
 def _print_exit_table(model: MultiExitModel, dataset: TextDataset, split: str, max_length: int) -> None:
-    from badge.evaluation import collect_exit_logits, make_loader
+    from badge.data import make_loader
+    from badge.logits import collect_exit_logits
 
     loader = make_loader(dataset, model.tokenizer, max_length, 64, shuffle=False)
     logits, labels = collect_exit_logits(model, loader, progress=True)
@@ -400,9 +401,9 @@ def evaluate_command(
     if not sweep:
         _print_exit_table(model, *evaluated, max_length)
         return
-    from badge.evaluation import run_sweep
     from badge.extras import missing
     from badge.report import write_sweep
+    from badge.sweep import run_sweep
 
     if data is not None:  # a file: settings are chosen on --validation-data, else on the file itself (said so)
         chosen_on = _labelled_split(model, None, "", validation_data, *columns) if validation_data else None
@@ -451,7 +452,7 @@ def _engine_report(
     from rich.table import Table
 
     from badge.engine import EarlyExitEngine
-    from badge.evaluation import encode_padded
+    from badge.logits import encode_padded
     from badge.metrics import primary_metric_name, task_metrics
     from badge.quantize import check_mode, quantize_torch
 
@@ -622,7 +623,8 @@ def calibrate_and_store(
     dry_run: bool = False,
 ) -> None:
     """Choose the rule's setting on the tuning split, report it there and on the held-out split, store it."""
-    from badge.evaluation import calibrate, sweep_dataset
+    from badge.calibration import calibrate
+    from badge.sweep import sweep_dataset
 
     swept = sweep_dataset(model, tuning[0], max_length)
     try:

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from badge.data import TextDataset
-from badge.evaluation import make_loader
+from badge.data import TextDataset, make_loader
 from badge.modeling import MultiExitModel
 
 PRUNABLE_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")

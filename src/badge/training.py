@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from badge.data import TextDataset
+from badge.data import TextDataset, make_loader
 from badge.device import DTYPES, resolve_device
-from badge.evaluation import collect_exit_logits, make_loader
 from badge.folders import ordinary_mode
+from badge.logits import collect_exit_logits
 from badge.metrics import exit_table, per_exit_metrics, primary_metric_name
 from badge.modeling import MultiExitModel, replace_directory
 

@@ -14,7 +14,7 @@ column, the bad value and what was expected.
 """
 
 from badge.data.dataset import MULTI_LABEL_SEPARATOR, SPLITS, DataError, TextDataset
-from badge.data.encoding import Encoded, EncodedDataset, collate, encode
+from badge.data.encoding import Encoded, EncodedDataset, collate, encode, make_loader
 from badge.data.files import FILE_TYPES, Row, Rows, read_rows, row_text, row_value
 from badge.data.labelled import file_sha256, load_file, text_columns
 from badge.data.named import (
@@ -52,6 +52,7 @@ __all__ = [
     "load_file",
     "load_named_dataset",
     "load_splits",
+    "make_loader",
     "normalize_text",
     "read_rows",
     "row_text",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from badge.data.dataset import TextDataset
 
@@ -92,3 +93,19 @@ def collate(batch_rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         labels = [row["labels"] for row in batch_rows]
         batch["labels"] = torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float)
     return batch
+
+
+def make_loader(
+    dataset: TextDataset, tokenizer: Any, max_length: int, batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    """Tokenise a dataset and wrap it in a DataLoader that pads each batch to its longest row."""
+    encoded = encode(dataset, tokenizer, max_length)
+    generator = torch.Generator().manual_seed(seed)
+    pad = tokenizer.pad_token_id or 0
+    return DataLoader(
+        EncodedDataset(encoded),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=lambda rows: collate(rows, pad),
+    )
