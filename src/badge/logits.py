@@ -68,7 +68,7 @@ def encode_padded(
     """Tokenise a whole dataset into right-padded (N, T) tensors and a labels tensor."""
     encoded = encode(dataset, tokenizer, max_length)
     rows = [EncodedDataset(encoded)[i] for i in range(len(dataset))]
-    batch = collate(rows, tokenizer.pad_token_id or 0)
+    batch = collate(rows, tokenizer)
     labels = batch.pop("labels")
     return batch, labels
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,23 +76,19 @@ class EncodedDataset(torch.utils.data.Dataset):
         return item
 
 
-def collate(batch_rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of `EncodedDataset` items into tensors.
+def collate(batch_rows: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """Right-pad a list of `EncodedDataset` items into tensors with the tokenizer's own `pad`.
 
-    Returns input_ids, attention_mask (and token_type_ids) as (B, T) long tensors, T = the longest
-    row, and labels as (B,) long (single-label), (B, K) float (multi-label) or (B,) float (regression).
+    This is what transformers' `DataCollatorWithPadding` calls, with the side fixed: the engine and
+    `length_sorted_batches` trim rows by their attention mask's sum, which needs the padding on the right
+    whatever the tokenizer's `padding_side`. Returns input_ids, attention_mask (and token_type_ids) as
+    (B, T) long tensors, T = the longest row, and labels as (B,) long (single-label), (B, K) float
+    (multi-label, for the binary cross-entropy) or (B,) float (regression).
     """
-    width = max(len(row["input_ids"]) for row in batch_rows)
-
-    def pad(key: str, value: int) -> torch.Tensor:
-        return torch.tensor([row[key] + [value] * (width - len(row[key])) for row in batch_rows], dtype=torch.long)
-
-    batch = {"input_ids": pad("input_ids", pad_token_id), "attention_mask": pad("attention_mask", 0)}  # (B, T)
-    if "token_type_ids" in batch_rows[0]:
-        batch["token_type_ids"] = pad("token_type_ids", 0)  # (B, T)
-    if "labels" in batch_rows[0]:
-        labels = [row["labels"] for row in batch_rows]
-        batch["labels"] = torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float)
+    batch = dict(tokenizer.pad(batch_rows, padding="longest", padding_side="right", return_tensors="pt"))
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2:  # multi-hot ids are ints; the loss wants floats
+        batch["labels"] = labels.float()
     return batch
 
 
@@ -101,11 +98,10 @@ def make_loader(
     """Tokenise a dataset and wrap it in a DataLoader that pads each batch to its longest row."""
     encoded = encode(dataset, tokenizer, max_length)
     generator = torch.Generator().manual_seed(seed)
-    pad = tokenizer.pad_token_id or 0
     return DataLoader(
         EncodedDataset(encoded),
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        collate_fn=lambda rows: collate(rows, pad),
+        collate_fn=partial(collate, tokenizer=tokenizer),
     )
