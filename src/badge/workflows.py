@@ -14,10 +14,11 @@ from typing import Any
 from rich.console import Console
 
 from badge.config import DEFAULT_MAX_SEQ_LENGTH
-from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits, training_overlap
+from badge.data import DATASETS, DataError, TextDataset, load_file, load_splits, make_loader, training_overlap
 from badge.device import place
 from badge.extras import require
 from badge.folders import FolderError
+from badge.logits import collect_exit_logits
 from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import CheckpointError, MultiExitModel, count_flops
 from badge.rules import ExitPolicy
@@ -103,9 +104,7 @@ def run_training(
 
 
 def print_exit_table(model: MultiExitModel, dataset: TextDataset, split: str, max_length: int) -> None:
-    from badge.data import make_loader
-    from badge.logits import collect_exit_logits
-
+    """Print every exit's metrics on a labelled dataset (`split` names it in the title)."""
     loader = make_loader(dataset, model.tokenizer, max_length, 64, shuffle=False)
     logits, labels = collect_exit_logits(model, loader, progress=True)
     metrics = per_exit_metrics(logits, labels, model.config.problem_type)
@@ -230,7 +229,9 @@ def engine_report(
     console.print(table)
 
 
-def policy_from_options(rule: str | None, tau: float | None, patience: int | None, divergence: str | None):
+def policy_from_options(
+    rule: str | None, tau: float | None, patience: int | None, divergence: str | None
+) -> ExitPolicy | None:
     """The exit policy that the options `rule`, `tau`, `patience` and `divergence` describe, or None when no
     `rule` is given (use the stored policy). Refuses settings without a rule and rules that need the true labels."""
     if rule is None:
