@@ -27,7 +27,8 @@ import transformers
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import load_file, load_named_dataset
 from badge.device import place, resolve_device
-from badge.evaluation import encode_padded, time_policy
+from badge.logits import encode_padded
+from badge.timing import time_policy
 
 
 def device_name(device: torch.device) -> str:

@@ -47,8 +47,9 @@ from badge.comparison import (
 )
 from badge.data import default_cache_dir, load_named_dataset, sample
 from badge.encoders import minilm_l6_dir, mpnet_base_dir
-from badge.evaluation import default_policies, fit_gate_for, split_logits
+from badge.logits import split_logits
 from badge.report import comparison_markdown, fmt, fmt_difference
+from badge.sweep import default_policies, fit_gate_for
 from badge.training import TrainingArguments, scheme_model_options, train
 
 HERE = Path(__file__).resolve().parent

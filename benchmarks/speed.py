@@ -19,7 +19,9 @@ import transformers
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import load_named_dataset
-from badge.evaluation import encode_padded, time_policy
+from badge.logits import encode_padded
+from badge.timing import time_policy
+from badge.workflows import UsageError, policy_from_options
 
 
 def main() -> None:
@@ -33,22 +35,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rule", default=None, help="override the stored exit policy's rule")
-    parser.add_argument("--tau", type=float, default=None)
-    parser.add_argument("--patience", type=int, default=None)
-    parser.add_argument("--divergence", default=None)
+    parser.add_argument("--tau", type=float, default=None, help="threshold of --rule")
+    parser.add_argument("--patience", type=int, default=None, help="patience of --rule")
+    parser.add_argument("--divergence", default=None, help="divergence of --rule dge")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample of texts timed")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the dataset split (the model's own)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/SPEED.md"))
     args = parser.parse_args()
+    try:  # the same checks as `badge predict --rule`: no --tau without --rule, no oracle
+        override = policy_from_options(args.rule, args.tau, args.patience, args.divergence)
+    except UsageError as error:
+        parser.error(str(error))
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = MultiExitModel.from_pretrained(args.model_dir).eval()
-    policy = (
-        ExitPolicy(args.rule, tau=args.tau, patience=args.patience, divergence=args.divergence)
-        if args.rule
-        else ExitPolicy.from_dict(model.config.exit_policy)
-    )
+    policy = override or ExitPolicy.from_dict(model.config.exit_policy)
     dataset = load_named_dataset(args.dataset, split_seed=args.split_seed)[args.split]
     inputs, labels = encode_padded(dataset, model.tokenizer, args.max_length)
     sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[: args.samples]

@@ -45,11 +45,12 @@ from torch import nn
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import TextDataset, load_named_dataset
-from badge.evaluation import encode_padded, length_sorted_batches, plain_forward
+from badge.logits import encode_padded, length_sorted_batches, plain_forward
 from badge.metrics import primary_metric_name, task_metrics
 from badge.onnx_engine import OnnxEarlyExitEngine, export_onnx
 from badge.pruning import head_importance, prune_heads
 from badge.quantize import quantize_torch
+from badge.workflows import UsageError, policy_from_options
 
 Batch = dict[str, torch.Tensor]
 # Wall-clock time, and the CPU time of this process (all its threads): on a machine shared with other
@@ -390,9 +391,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: torch's)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rule", default=None, help="override the stored exit policy's rule")
-    parser.add_argument("--tau", type=float, default=None)
-    parser.add_argument("--patience", type=int, default=None)
-    parser.add_argument("--divergence", default=None)
+    parser.add_argument("--tau", type=float, default=None, help="threshold of --rule")
+    parser.add_argument("--patience", type=int, default=None, help="patience of --rule")
+    parser.add_argument("--divergence", default=None, help="divergence of --rule dge")
     parser.add_argument("--heads", type=float, default=0.3, help="share of attention heads to prune")
     parser.add_argument("--pruned", type=Path, default=None, help="an already pruned (and retrained) model folder")
     parser.add_argument("--importance-split", default="validation")
@@ -407,17 +408,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 5:
         parser.error(f"--repeats {args.repeats}: the median needs at least 5 repeats")
+    try:  # the same checks as `badge predict --rule`: no --tau without --rule, no oracle
+        override = policy_from_options(args.rule, args.tau, args.patience, args.divergence)
+    except UsageError as error:
+        parser.error(str(error))
 
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     model = MultiExitModel.from_pretrained(args.model_dir).eval()
     args.task = model.config.problem_type
-    policy = (
-        ExitPolicy(args.rule, tau=args.tau, patience=args.patience, divergence=args.divergence)
-        if args.rule
-        else ExitPolicy.from_dict(model.config.exit_policy)
-    )
+    policy = override or ExitPolicy.from_dict(model.config.exit_policy)
     splits = load_named_dataset(args.dataset, split_seed=args.seed)
     data = subset(splits[args.split], args.limit, args.seed)
     inputs, labels = encode_padded(data, model.tokenizer, args.max_length)

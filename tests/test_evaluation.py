@@ -9,6 +9,7 @@ import torch
 from transformers import BertConfig
 
 from badge import ExitPolicy, MultiExitConfig, MultiExitModel
+from badge.calibration import calibrate
 from badge.comparison import (
     RuleCurve,
     Scorer,
@@ -19,8 +20,10 @@ from badge.comparison import (
     paired_bootstrap,
     upper_hull,
 )
-from badge.evaluation import SweepPoint, calibrate, exit_costs, exit_logits_for, fit_gate_for, sweep
+from badge.logits import exit_logits_for
 from badge.rules import simulate
+from badge.sweep import SweepPoint, fit_gate_for, sweep
+from badge.timing import exit_costs
 
 
 def point(speedup: float, metric: float, curve: str = "r", **policy) -> SweepPoint:

@@ -151,7 +151,7 @@ def test_a_task_whose_primary_metric_must_be_minimised_is_refused() -> None:
 
 @pytest.mark.parametrize("problem_type", TASKS)
 def test_the_sweep_offers_exactly_the_rules_and_divergences_a_task_allows(problem_type: str) -> None:
-    from badge.evaluation import default_policies
+    from badge.sweep import default_policies
 
     task = get_task(problem_type)
     gate = fit_gate(torch.randn(20, len(LAYERS), 3)) if task.allows("gate") else None

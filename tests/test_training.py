@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from badge import MultiExitModel
-from badge.data import load_file
-from badge.evaluation import make_loader
+from badge.data import load_file, make_loader
 from badge.training import DISTILL_OPTIONS, TrainingArguments, scheme_model_options, stage_exit_weights, train
 
 

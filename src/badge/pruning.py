@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from badge.attention_heads import keep_heads
-from badge.data import EncodedDataset, TextDataset, collate, encode
+from badge.data import TextDataset, make_loader
 from badge.families import HeadParts
 from badge.modeling import MultiExitModel
 
@@ -45,9 +45,7 @@ def _to_loader(data: TextDataset | DataLoader, model: MultiExitModel, batch_size
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("the model has no tokenizer to encode the dataset: pass a DataLoader instead")
-    pad = tokenizer.pad_token_id or 0
-    encoded = EncodedDataset(encode(data, tokenizer, max_length))
-    return DataLoader(encoded, batch_size=batch_size, collate_fn=lambda rows: collate(rows, pad))
+    return make_loader(data, tokenizer, max_length, batch_size, shuffle=False)
 
 
 def _mask_hook(mask: torch.Tensor, head_size: int) -> Callable[[nn.Module, tuple], tuple]:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from badge.comparison import Measured, RuleComparison, held
-from badge.evaluation import SweepReport
 from badge.extras import missing
+from badge.sweep import SweepReport
 
 
 def fmt(value: float | None, digits: int = 2) -> str:

@@ -36,9 +36,9 @@ from badge.checkpoints import (
     tidy_run_folder,
     write_checkpoint,
 )
-from badge.data import TextDataset
+from badge.data import TextDataset, make_loader
 from badge.device import DTYPES, resolve_device
-from badge.evaluation import collect_exit_logits, make_loader
+from badge.logits import collect_exit_logits
 from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import MultiExitModel
 from badge.tasks import get_task

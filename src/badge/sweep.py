@@ -1,65 +1,26 @@
-"""Evaluation: every exit's metric, and early-exit trade-off sweeps over exit rules."""
+"""Trade-off sweeps: every exit rule's settings replayed over stored exit logits, and `badge evaluate --sweep`'s
+comparison of rules chosen on one split and reported on another.
+"""
 
 from __future__ import annotations
 
 import itertools
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from badge.comparison import BOOTSTRAP_RESAMPLES, RuleComparison, RuleCurve, Scorer, SplitLogits, compare_rules
-from badge.data import EncodedDataset, TextDataset, collate, encode
-from badge.device import synchronize
-from badge.flops import count_flops
+from badge.data import TextDataset
 from badge.gate import fit_gate
+from badge.logits import split_logits
 from badge.metrics import primary_metric_name, task_metrics
 from badge.modeling import MultiExitModel
 from badge.rules import DIVERGENCES, RULES, ExitPolicy, simulate
+from badge.timing import exit_costs, time_policy
 
 
-@torch.no_grad()
-def collect_exit_logits(
-    model: MultiExitModel, loader: DataLoader, accelerator: Accelerator | None = None, progress: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of every exit (N, E, K) and labels for a whole loader (gathered across processes)."""
-    model.eval()
-    all_logits, all_labels = [], []
-    for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
-        labels = batch.pop("labels")
-        if accelerator is None:  # a prepared loader already yields batches on the model's device
-            batch = {key: value.to(model.device) for key, value in batch.items()}
-        output = model(**batch)
-        logits = torch.stack(output.exit_logits, dim=1)  # (B, E, K)
-        if accelerator is not None:
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
-        all_logits.append(logits.float().cpu())
-        all_labels.append(labels.cpu())
-    return torch.cat(all_logits), torch.cat(all_labels)
-
-
-def make_loader(
-    dataset: TextDataset, tokenizer: Any, max_length: int, batch_size: int, shuffle: bool, seed: int = 0
-) -> DataLoader:
-    """Tokenise a dataset and wrap it in a DataLoader that pads each batch to its longest row."""
-    encoded = encode(dataset, tokenizer, max_length)
-    generator = torch.Generator().manual_seed(seed)
-    pad = tokenizer.pad_token_id or 0
-    return DataLoader(
-        EncodedDataset(encoded),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=lambda rows: collate(rows, pad),
-    )
-
-
-# ----- trade-off sweeps ----------------------------------------------------------------------
 @dataclass
 class SweepPoint:
     """One threshold setting of one rule, measured on a split."""
@@ -163,17 +124,6 @@ def fit_gate_for(split: SplitLogits, seed: int = 0) -> FittedGate | None:
     return FittedGate(split, fit_gate(split.exit_logits), halves, half_gates)
 
 
-def exit_costs(model: MultiExitModel, seq_len: int) -> torch.Tensor:
-    """(E,) FLOPs ratio to the plain model of a sample leaving at each exit (exits evaluated on the way included)."""
-    flops = count_flops(model, seq_len)
-    full = flops.per_layer * model.num_layers + flops.per_exit_head  # the plain model: all layers, one head
-    costs = []
-    for position, layer in enumerate(model.exit_layers):
-        bypassed = min(position + 1, len(model.intermediate_layers)) if model.config.use_bypass else 0
-        costs.append(flops.cost_to_exit(layer, position + 1, bypassed) / full)
-    return torch.tensor(costs)
-
-
 def evaluate_policy(
     exit_logits: torch.Tensor,
     labels: torch.Tensor,
@@ -241,110 +191,6 @@ def sweep(
     return SweepResult(primary_metric_name(task), model.num_layers, full.metric, points)
 
 
-# ----- wall-clock ----------------------------------------------------------------------------
-def length_sorted_batches(
-    encoded: dict[str, torch.Tensor], batch_size: int, sort: bool = True
-) -> list[dict[str, torch.Tensor]]:
-    """Split right-padded inputs (N, T) into batches of similar length, each trimmed to its longest row.
-
-    One-dimensional entries (labels) are split along with them. `sort=False` keeps the input order."""
-    lengths = encoded["attention_mask"].sum(dim=1)
-    order = torch.argsort(lengths, stable=True) if sort else torch.arange(len(lengths))
-    batches = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        width = int(lengths[rows].max())
-        batches.append(
-            {key: value[rows, :width] if value.dim() == 2 else value[rows] for key, value in encoded.items()}
-        )
-    return batches
-
-
-@torch.inference_mode()
-def plain_forward(model: MultiExitModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The plain Hugging Face model: the encoder's own forward over all layers, then the final classifier."""
-    inputs = {key: value.to(model.device) for key, value in batch.items() if key != "labels"}
-    hidden = model.encoder(**inputs).last_hidden_state
-    return model.exit_logits(model.num_layers, hidden, inputs["attention_mask"])
-
-
-@dataclass
-class Timing:
-    """Median seconds of the plain model and of the engine over the same batches, and their ratio."""
-
-    plain_s: float
-    engine_s: float
-    speedup: float
-    repeats: int
-
-
-def time_policy(
-    model: MultiExitModel,
-    policy: ExitPolicy,
-    inputs: dict[str, torch.Tensor],
-    batch_size: int,
-    repeats: int = 5,
-    labels: torch.Tensor | None = None,
-) -> Timing:
-    """Time the plain model and the early-exit engine on the same inputs at the same batch size.
-
-    The plain model runs length-sorted batches of `batch_size`; the engine gets all inputs with the
-    same `batch_size` (its most rows per layer call) and sorts them the same way. The two alternate
-    `repeats` times; the speedup is the median of per-repeat ratios, so both sides of each ratio
-    share the machine's state at that moment.
-    """
-    from badge.engine import EarlyExitEngine
-
-    batches = length_sorted_batches(inputs, batch_size)
-    engine = EarlyExitEngine(model, policy, batch_size=batch_size)
-    plain_forward(model, batches[0])  # warm-up, both sides: first calls allocate
-    warm = EarlyExitEngine(model, ExitPolicy("full"), batch_size=batch_size)  # needs no labels, unlike oracle
-    warm.run(batches[0]["input_ids"], batches[0]["attention_mask"], batches[0].get("token_type_ids"))
-    plain_times, engine_times, ratios = [], [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            plain_forward(model, batch)
-        synchronize(model.device)
-        plain = time.perf_counter() - start
-        start = time.perf_counter()
-        engine.run(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), labels)
-        synchronize(model.device)
-        spent = time.perf_counter() - start
-        plain_times.append(plain)
-        engine_times.append(spent)
-        ratios.append(plain / spent)
-    return Timing(statistics.median(plain_times), statistics.median(engine_times), statistics.median(ratios), repeats)
-
-
-# ----- the full sweep, as `badge evaluate --sweep` runs it ---------------------------------------
-def encode_padded(
-    dataset: TextDataset, tokenizer: Any, max_length: int
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Tokenise a whole dataset into right-padded (N, T) tensors and a labels tensor."""
-    encoded = encode(dataset, tokenizer, max_length)
-    rows = [EncodedDataset(encoded)[i] for i in range(len(dataset))]
-    batch = collate(rows, tokenizer.pad_token_id or 0)
-    labels = batch.pop("labels")
-    return batch, labels
-
-
-def exit_logits_for(
-    model: MultiExitModel, inputs: dict[str, torch.Tensor], labels: torch.Tensor, batch_size: int = 32
-) -> tuple[torch.Tensor, int]:
-    """All exits' logits (N, E, K) for padded inputs, in input order, and the mean sequence length (for FLOPs).
-
-    Batches hold texts of similar length, so little time goes into padding."""
-    lengths = inputs["attention_mask"].sum(dim=1)
-    order = torch.argsort(lengths, stable=True)
-    sorted_inputs = {key: value[order] for key, value in {**inputs, "labels": labels}.items()}
-    loader = length_sorted_batches(sorted_inputs, batch_size, sort=False)
-    exit_logits, _ = collect_exit_logits(model, loader, progress=True)
-    in_order = torch.empty_like(exit_logits)
-    in_order[order] = exit_logits
-    return in_order, int(lengths.float().mean().round())
-
-
 @dataclass
 class SweepReport:
     """`badge evaluate --sweep`: every rule compared at matched speedups, chosen on one split, reported on another.
@@ -359,15 +205,6 @@ class SweepReport:
     comparison: RuleComparison
     points: SweepResult  # every setting on the reported split, nothing chosen
     timed: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
-
-
-def split_logits(
-    model: MultiExitModel, dataset: TextDataset, max_length: int, batch_size: int = 32
-) -> tuple[SplitLogits, dict[str, torch.Tensor], int]:
-    """Every exit's logits on a labelled dataset, its padded inputs, and the mean sequence length."""
-    inputs, labels = encode_padded(dataset, model.tokenizer, max_length)
-    exit_logits, seq_len = exit_logits_for(model, inputs, labels, batch_size)
-    return SplitLogits(exit_logits, labels, model.exit_layers, model.config.problem_type), inputs, seq_len
 
 
 def sweep_dataset(
@@ -441,28 +278,3 @@ def run_sweep(
             timed = time_policy(model, policy, sampled, batch_size, repeats)
             report.timed.append((reference, policy.to_dict(), timed.speedup))
     return report
-
-
-# ----- calibration -----------------------------------------------------------------------------
-def calibrate(
-    result: SweepResult, rule: str, *, max_drop: float | None = None, speedup: float | None = None
-) -> SweepPoint:
-    """Pick a rule's setting on a validation sweep: the fastest within `max_drop` points of the full model,
-    or the most accurate at `speedup` or more (layer speedup). `rule` is a rule (`dge`) or a curve (`dge-kl`)."""
-    if (max_drop is None) == (speedup is None):
-        raise ValueError("give exactly one target: max_drop or speedup")
-    candidates = [p for p in result.points if p.curve == rule or p.policy["rule"] == rule]
-    if not candidates:
-        raise ValueError(f"rule {rule!r} has no sweep points; rules swept: {sorted(result.curves)}")
-    if max_drop is not None:
-        floor = result.full_metric - max_drop
-        fitting = [p for p in candidates if p.metric >= floor]
-        if not fitting:
-            best = max(candidates, key=lambda p: p.metric)
-            raise ValueError(f"no {rule} setting keeps {result.metric_name} >= {floor:.2f}; best is {best.metric:.2f}")
-        return max(fitting, key=lambda p: (p.layer_speedup, p.metric))
-    fitting = [p for p in candidates if p.layer_speedup >= speedup]
-    if not fitting:
-        fastest = max(candidates, key=lambda p: p.layer_speedup)
-        raise ValueError(f"no {rule} setting reaches {speedup}x; the fastest gives {fastest.layer_speedup:.2f}x")
-    return max(fitting, key=lambda p: (p.metric, p.layer_speedup))
