@@ -350,7 +350,7 @@ class MultiExitModel(PreTrainedModel, ExitModel):
         if num_labels is None:
             raise ValueError("give num_labels or label_names")
         if label_names is None:
-            label_names = ["value"] if problem_type == "regression" else [str(i) for i in range(num_labels)]
+            label_names = [str(i) for i in range(num_labels)] if get_task(problem_type).has_classes else ["value"]
         try:
             backbone = AutoConfig.from_pretrained(path, trust_remote_code=False, **hub)
             encoder = AutoModel.from_pretrained(

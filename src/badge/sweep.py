@@ -15,9 +15,9 @@ from badge.comparison import BOOTSTRAP_RESAMPLES, RuleComparison, RuleCurve, Sco
 from badge.data import TextDataset
 from badge.gate import fit_gate
 from badge.logits import split_logits
-from badge.metrics import primary_metric_name, task_metrics
 from badge.modeling import MultiExitModel
-from badge.rules import DIVERGENCES, RULES, ExitPolicy, simulate
+from badge.rules import RULES, ExitPolicy, simulate
+from badge.tasks import get_task
 from badge.timing import exit_costs, time_policy
 
 
@@ -55,17 +55,16 @@ def default_policies(
     """Every registered rule over its sweep grid, as (curve name, policy) pairs; the `gate` rule only when a
     fitted gate is given (`fit_gate_for`)."""
     policies: list[tuple[str, ExitPolicy]] = []
+    strategy = get_task(task)
     for name, spec in RULES.items():
-        if name == "full" or (spec.needs_labels and (not include_oracle or task != "single_label_classification")):
-            continue
-        if task == "regression" and name in ("entropy", "maxprob", "pcee"):
+        if name == "full" or not strategy.allows(name) or (spec.needs_labels and not include_oracle):
             continue
         if name == "gate" and gate is None:
             continue
         grid = dict(spec.sweep)
         if name == "static":
             grid = {"k": tuple(range(1, num_layers + 1))}
-        divergences = DIVERGENCES[:-1] if name == "dge" and task != "regression" else (None,)
+        divergences = strategy.divergences if name == "dge" else (None,)
         for kind in divergences:
             curve = f"{name}-{kind}" if kind else name
             keys = list(grid)
@@ -116,7 +115,7 @@ class FittedGate:
 def fit_gate_for(split: SplitLogits, seed: int = 0) -> FittedGate | None:
     """The agreement gate fitted on a split's stored logits (no labels used), with its cross-fitted halves;
     None where the rule does not apply."""
-    if split.task != "single_label_classification" or len(split.exit_layers) < 2 or len(split) < 4:
+    if not get_task(split.task).allows("gate") or len(split.exit_layers) < 2 or len(split) < 4:
         return None
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     halves = (order[: len(split) // 2], order[len(split) // 2 :])
@@ -140,7 +139,7 @@ def evaluate_policy(
     if positions is None:
         positions = simulate(exit_logits, policy, task, model.exit_layers, labels)
     chosen = exit_logits[torch.arange(len(positions)), positions]  # (N, K)
-    metric = task_metrics(chosen, labels, task)[primary_metric_name(task)]
+    metric = get_task(task).metric.compute(chosen, labels)
     layers = torch.tensor(model.exit_layers, dtype=torch.float32)[positions]
     mean_layer = float(layers.mean())
     return SweepPoint(
@@ -188,7 +187,7 @@ def sweep(
         )
         for curve, policy in policies
     ]
-    return SweepResult(primary_metric_name(task), model.num_layers, full.metric, points)
+    return SweepResult(get_task(task).metric.name, model.num_layers, full.metric, points)
 
 
 @dataclass

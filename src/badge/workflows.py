@@ -24,6 +24,7 @@ from badge.logits import collect_exit_logits
 from badge.metrics import exit_table, per_exit_metrics
 from badge.modeling import MultiExitModel
 from badge.rules import ExitPolicy
+from badge.tasks import TASKS, get_task
 from badge.training import SCHEMES, TrainingArguments, scheme_model_options, train
 
 console = Console(stderr=True, soft_wrap=True)  # long messages stay on one line in logs
@@ -72,7 +73,7 @@ def run_training(
 ) -> Path:
     """Build a multi-exit model on `encoder`, train it, print the test per-exit table; return the best folder."""
     train_data = splits["train"]
-    problem_type = model_options.pop("problem_type", "single_label_classification")
+    problem_type = model_options.pop("problem_type", TASKS[0])
     options = {**scheme_model_options(args.scheme), **model_options}
     try:
         model = MultiExitModel.from_encoder(
@@ -165,7 +166,7 @@ def labelled_split(
                 text_column=text_column,
                 text_pair_column=text_pair_column,
                 label_column=label_column,
-                label_names=model.label_names if task != "regression" else None,
+                label_names=model.label_names if get_task(task).has_classes else None,
                 task=task,
             )
         except DataError as error:
@@ -201,7 +202,6 @@ def engine_report(
 
     from badge.engine import EarlyExitEngine
     from badge.logits import encode_padded
-    from badge.metrics import primary_metric_name, task_metrics
     from badge.quantize import check_mode, quantize_torch
 
     try:
@@ -219,14 +219,14 @@ def engine_report(
     )
     inputs, labels = encode_padded(evaluated, engine.model.tokenizer, max_length_for(engine.model, max_length))
     task = engine.model.config.problem_type
-    metric = primary_metric_name(task)
+    metric = get_task(task).metric
     table = Table(title=f"{model_dir} on {name}, policy {engine.policy}")
-    for column in ("engine", metric, "mean exit layer", "layer speedup"):
+    for column in ("engine", metric.name, "mean exit layer", "layer speedup"):
         table.add_column(column, justify="right")
     for label, variant in variants:
         out = variant.run(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
         mean_layer = out.exit_layers.float().mean().item()
-        score = task_metrics(out.logits, labels, task)[metric]
+        score = metric.compute(out.logits, labels)
         table.add_row(label, f"{score:.2f}", f"{mean_layer:.2f}", f"{variant.model.num_layers / mean_layer:.2f}x")
     console.print(table)
 

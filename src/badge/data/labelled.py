@@ -14,6 +14,7 @@ from typing import Any
 from badge.config import TASKS
 from badge.data.dataset import MULTI_LABEL_SEPARATOR, DataError, TextDataset
 from badge.data.files import Rows, _cell_error, _read_table, _show, _Table, row_text, row_value
+from badge.tasks import get_task
 
 
 def _missing_column(table: _Table, column: str, role: str, hint: str = "") -> DataError:
@@ -118,7 +119,7 @@ def _collect_names(tokens: list[str], table: _Table, column: str) -> list[str]:
 
 
 def _labels(table: _Table, column: str, task: str, label_names: list[str] | None) -> tuple[list, list[str] | None]:
-    if task == "regression":
+    if not get_task(task).has_classes:
         targets = []
         for index in range(len(table.rows)):
             value = _cell(table, index, column)
@@ -132,7 +133,7 @@ def _labels(table: _Table, column: str, task: str, label_names: list[str] | None
                 )
             targets.append(target)
         return targets, None
-    multi_label = task == "multi_label_classification"
+    multi_label = get_task(task).multi_label
     cells = [_label_tokens(table, index, column, multi_label) for index in range(len(table.rows))]
     if not (label_names or table.class_names.get(column)) or all(name.isdigit() for name in label_names or []):
         cells = _canonical_ids(cells, table, column)
@@ -196,7 +197,7 @@ def load_file(
     elif require_labels:
         raise _missing_column(table, label_column, "label", " (set label_column to the column that holds the labels)")
     else:
-        labels, names = [], None if task == "regression" else label_names
+        labels, names = [], label_names if get_task(task).has_classes else None
     origin = {"path": str(Path(path).resolve()), "sha256": file_sha256(Path(path))}
     return TextDataset(texts, pairs, labels, names, table.source, origin)
 

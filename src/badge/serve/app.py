@@ -28,6 +28,7 @@ from badge.rules import ExitPolicy, PolicyError, names
 from badge.serve.batcher import BatcherStopped, DeadlineExceeded, MicroBatcher, Overloaded, derive_max_queue
 from badge.serve.middleware import AdmissionMiddleware, BodyLimitMiddleware, MetricsMiddleware, ServeMetrics
 from badge.serve.schemas import ClassifyRequest, ClassifyResponse, ModelInfo, PolicySettings, Prediction
+from badge.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,13 @@ def _check_servable(policy: ExitPolicy, model: MultiExitModel) -> None:
 
 def _prediction(output: EngineOutput, row: int, label_names: list[str], task: str) -> Prediction:
     exit_layer = int(output.exit_layers[row])
-    if task == "regression":
-        return Prediction(label=float(output.labels[row]), label_id=None, probabilities=None, exit_layer=exit_layer)
+    strategy = get_task(task)
+    predicted = output.labels[row]
+    label = strategy.label_of(predicted, label_names)
+    if not strategy.has_classes:
+        return Prediction(label=label, label_id=None, probabilities=None, exit_layer=exit_layer)
     probabilities = {name: float(p) for name, p in zip(label_names, output.probs[row].tolist(), strict=True)}
-    label_id = output.labels[row]
-    label = [label_names[i] for i in label_id] if isinstance(label_id, list) else label_names[label_id]
-    return Prediction(label=label, label_id=label_id, probabilities=probabilities, exit_layer=exit_layer)
+    return Prediction(label=label, label_id=predicted, probabilities=probabilities, exit_layer=exit_layer)
 
 
 def _load_servable(model_dir_or_model: str | os.PathLike | MultiExitModel):
