@@ -13,7 +13,8 @@ Rows, each on the same examples, batch sizes and thread count. `plain` rows run 
     early exit (PyTorch)                EarlyExitEngine
     early exit + int8 (PyTorch)         the same, encoder linear layers dynamically quantised by torch
     early exit, ONNX Runtime layer by layer, int8   a session call per layer and per exit
-    early exit, ONNX Runtime one graph [, int8]     the export joined into one graph, the rule inside
+    early exit, ONNX Runtime one graph [, int8]     the export joined into one graph, the rule inside (a batch
+                                        of one row runs a leaner graph built for one row)
     ... + head pruning                  the int8 one graph of the model with --heads of its heads pruned
                                         (importance on --importance-split, no retraining), or of --pruned;
                                         --heads 0 leaves the row out
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -380,6 +382,10 @@ def as_json(rows: list[Row], comparisons: list[Comparison], args: argparse.Names
     }
 
 
+def _loads(loads: tuple[float, float, float]) -> str:
+    return " / ".join(f"{load:.1f}" for load in loads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", type=Path)
@@ -425,6 +431,7 @@ def main() -> None:
     inputs["row"] = torch.arange(len(labels))  # follows each example through the length sorting
     pruned, pruned_origin = pruned_model(args, splits)
 
+    load_before = os.getloadavg()  # 1, 5 and 15 minute load averages: how shared the machine was
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work_dir or Path(temporary)
         rows = build_rows(model, policy, pruned, work, max(args.batch_sizes), threads)
@@ -432,6 +439,7 @@ def main() -> None:
         for batch_size in args.batch_sizes:
             measure_speed(rows, length_sorted_batches(inputs, batch_size), batch_size, args.repeats)
             print(f"batch {batch_size}: " + ", ".join(f"{r.name} {r.speedup['wall'][batch_size]:.2f}x" for r in rows))
+    load_after = os.getloadavg()
 
     header = [
         f"# The inference stack: {args.model_dir} on {args.dataset} {args.split}",
@@ -444,6 +452,8 @@ def main() -> None:
         "same repeat on the same length-sorted batches, rows alternating within each repeat; spread = lowest and "
         "highest per-repeat ratio; s = median seconds for all examples. `wall` is the wall clock; `cpu` the CPU "
         "time of the process (all threads): on a shared machine the wall clock also counts the wait for a core.",
+        f"Load average (1, 5, 15 min) at the start {_loads(load_before)}, at the end {_loads(load_after)}, "
+        f"on {os.cpu_count()} cores.",
     ]
     comparisons = compare_best(rows, args.batch_sizes, args.max_drop)
     if not any(
@@ -467,6 +477,8 @@ def main() -> None:
         "max_drop": args.max_drop if args.max_drop != float("inf") else None,
         "pruned": pruned_origin,
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "cores": os.cpu_count(),
+        "load_average": {"start": [round(x, 2) for x in load_before], "end": [round(x, 2) for x in load_after]},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(as_json(rows, comparisons, args, settings), indent=2) + "\n")

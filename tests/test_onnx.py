@@ -206,3 +206,22 @@ def test_quantize_torch_makes_an_int8_copy_that_early_exits(model, inputs) -> No
 def test_unknown_quantisation_is_a_clear_error(model, tmp_path) -> None:
     with pytest.raises(ValueError, match="quantize 'int4' is not one of"):
         export_onnx(model, tmp_path / "x", quantize="int4")
+
+
+@pytest.mark.parametrize("policy", [ExitPolicy("entropy", tau=0.9), ExitPolicy("dge", tau=0.05)], ids=str)
+def test_a_single_row_runs_its_own_lean_graph_with_the_same_answers(exported, inputs, policy) -> None:
+    engine = OnnxEarlyExitEngine(exported, policy, batch_size=1, graph="one")
+    graph = engine.early_exit_graph
+    ids, mask = inputs
+    by_one = [graph.run(ids[row : row + 1], mask[row : row + 1]) for row in range(len(ids))]
+    assert list(graph.sessions) == [True]  # a batch of one row never opened the general graph
+    ops = {node.op_type for node in graph.builder.build(single_row=True).graph.node}
+    assert "If" in ops and not ops & {"ScatterND", "Compress"}  # nothing to scatter or keep with one row
+    general = graph.session(single_row=False)
+    for row, (logits, layers) in enumerate(by_one):
+        feed = {"input_ids": ids[row : row + 1].numpy(), "attention_mask": mask[row : row + 1].numpy()}
+        feed["token_type_ids"] = torch.zeros_like(ids[row : row + 1]).numpy()
+        expected_logits, expected_layers = general.run(None, {k: v for k, v in feed.items() if k in graph.input_names})
+        assert layers.tolist() == expected_layers.tolist()
+        torch.testing.assert_close(logits, torch.from_numpy(expected_logits), atol=1e-5, rtol=0)
+    assert len({layers.item() for _, layers in by_one}) > 1  # the rows leave at different exits

@@ -11,7 +11,8 @@ engines apply the same code) are copied into one graph:
 
 Each `If` branch nests the rest of the model, so layers after the last row's exit never run. A
 batch of any size works: rows leave one by one as in `EarlyExitEngine` (the batch shrinks instead
-of being refilled from later inputs), and answers equal those of the engines piece by piece.
+of being refilled from later inputs), and answers equal those of the engines piece by piece. A
+batch of one row runs a leaner graph of its own: each exit's `If` answers or runs the next layer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -184,11 +186,24 @@ class EarlyExitGraphBuilder:
         self.embeddings, self.layers, self.exits, self.rules = embeddings, layers, exits, rules
         self.num_labels = num_labels
 
-    def build(self) -> onnx.ModelProto:
-        """The model: inputs input_ids, attention_mask [, token_type_ids] (B, T) -> logits (B, K), exit_layer (B,)."""
+    def build(self, single_row: bool = False) -> onnx.ModelProto:
+        """The model: inputs input_ids, attention_mask [, token_type_ids] (B, T) -> logits (B, K), exit_layer (B,).
+
+        single_row: a graph for B = 1 only. With one row there is nothing to scatter, keep or trim:
+        each exit's `If` either answers or runs the next layer, which saves a score of small nodes
+        per exit (at batch size 1 they cost about a quarter of a MiniLM layer each).
+        """
         top = _Graph()
         embedding_inputs = [value.name for value in self.embeddings.graph.input]
         hidden = top.inline(self.embeddings.graph, "embed.", {name: name for name in embedding_inputs})["hidden"]
+        if single_row:
+            self._single_row_layer(top, 1, hidden, "attention_mask", {}, ("logits", "exit_layer"))
+        else:
+            self._batch_start(top, hidden)
+        return self._model(top, embedding_inputs)
+
+    def _batch_start(self, top: _Graph, hidden: str) -> None:
+        """The answers of a batch start empty; layer 1 onwards fill them row by row."""
         batch = top.add("Shape", ["input_ids"], "batch", start=0, end=1)  # (1,)
         zero, one = top.constant("zero", [0]), top.constant("one", [1])
         rows = top.add(
@@ -211,6 +226,9 @@ class EarlyExitGraphBuilder:
             "ConstantOfShape", [batch], "no_layers", value=helper.make_tensor("", TensorProto.INT64, [1], [0])
         )
         self._layer(top, 1, hidden, "attention_mask", rows, {}, no_logits, no_layers, ("logits", "exit_layer"))
+
+    def _model(self, top: _Graph, embedding_inputs: list[str]) -> onnx.ModelProto:
+        """The finished graph `top` as a model with the inputs, outputs and opsets of its pieces."""
         inputs = [
             helper.make_tensor_value_info(value.name, TensorProto.INT64, ["batch", "sequence"])
             for value in self.embeddings.graph.input
@@ -341,6 +359,49 @@ class EarlyExitGraphBuilder:
             )
         )
 
+    def _single_row_layer(
+        self, graph: _Graph, layer: int, hidden: str, mask: str, state: dict[str, str], targets: tuple[str, str]
+    ) -> None:
+        """Emit layer `layer` onwards for one row: hidden (1, T, d), mask (1, T); answers written to `targets`."""
+        hidden = graph.inline(
+            self.layers[layer - 1].graph, f"layer{layer}.", {"hidden": hidden, "attention_mask": mask}
+        )["layer_output"]
+        if layer not in self.exits:
+            self._single_row_layer(graph, layer + 1, hidden, mask, state, targets)
+            return
+        logits = graph.inline(self.exits[layer].graph, f"exit{layer}.", {"hidden": hidden, "attention_mask": mask})[
+            "logits"
+        ]
+        tag = f"at{layer}."
+        if layer not in self.rules:  # the last exit answers the row
+            graph.add("Identity", [logits], targets[0])
+            graph.add("Identity", [graph.constant(tag + "layer", [layer])], targets[1])
+            return
+        rule, state_out = self.rules[layer]
+        wired = {"logits": logits, **{f"state.{key}": name for key, name in state.items()}}
+        written = graph.inline(rule.graph, f"rule{layer}.", wired)
+
+        leave = _Graph()  # the row leaves here
+        leave_targets = (tag + "leave_logits", tag + "leave_layers")
+        leave.add("Identity", [logits], leave_targets[0])
+        leave.add("Identity", [leave.constant(tag + "layer", [layer])], leave_targets[1])
+
+        stay = _Graph()  # the row runs on
+        stay_targets = (tag + "stay_logits", tag + "stay_layers")
+        next_state = {key: written[f"next.{key}"] for key in state_out}
+        self._single_row_layer(stay, layer + 1, hidden, mask, next_state, stay_targets)
+
+        graph.nodes.append(
+            helper.make_node(
+                "If",
+                [written["leave"]],  # (1,) bool: one element, as `If` requires
+                list(targets),
+                name=tag + "if",
+                then_branch=leave.proto(f"leave_{layer}", _answer_outputs(leave_targets, self.num_labels)),
+                else_branch=stay.proto(f"after_{layer}", _answer_outputs(stay_targets, self.num_labels)),
+            )
+        )
+
     @staticmethod
     def _answer(
         graph: _Graph,
@@ -381,13 +442,18 @@ def load_pieces(
 
 
 class EarlyExitGraph:
-    """One ONNX Runtime session that runs an export with early exits for one policy.
+    """ONNX Runtime sessions that run an export with early exits for one policy, one session call per batch.
+
+    A batch of one row runs a graph built for one row (`EarlyExitGraphBuilder.build(single_row=True)`),
+    larger batches the general graph; both give the same answers. Each session opens on first use, the
+    one for `batch_size` rows at once.
 
     Args:
         folder: a folder written by `export_onnx`; `files`, `task`, `exit_layers`, `num_labels`, `opset`
             as in its manifest.
         policy: the exit policy baked into the graph (rules that need labels cannot run here).
         num_threads: ONNX Runtime intra-op threads (None = ONNX Runtime's default).
+        batch_size: the rows per call expected most: its session is opened here.
     """
 
     def __init__(
@@ -400,30 +466,47 @@ class EarlyExitGraph:
         opset: int,
         policy: ExitPolicy,
         num_threads: int | None = None,
+        batch_size: int = 32,
     ) -> None:
         if policy.needs_labels:
             raise ValueError(f"policy {policy} needs labels: run it layer by layer (graph='layers')")
         self.consulted = policy.exits_consulted(exit_layers)
         rules = rule_graphs(policy, task, exit_layers, num_labels, opset)
         embeddings, layers, exits = load_pieces(folder, files, self.consulted)
-        model = EarlyExitGraphBuilder(embeddings, layers, exits, rules, num_labels).build()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.inter_op_num_threads = 1
+        self.builder = EarlyExitGraphBuilder(embeddings, layers, exits, rules, num_labels)
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.inter_op_num_threads = 1
         # Busy-waiting threads (ONNX Runtime's default) would take the cores from whatever runs between calls.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if num_threads is not None:
-            options.intra_op_num_threads = num_threads
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.input_names = {node.name for node in self.session.get_inputs()}
+            self.options.intra_op_num_threads = num_threads
+        self.sessions: dict[bool, ort.InferenceSession] = {}  # single_row -> session
+        self.input_names = {value.name for value in self.session(single_row=batch_size == 1).get_inputs()}
+
+    def session(self, single_row: bool) -> ort.InferenceSession:
+        """The session of the single-row graph or of the general one, opened on first use."""
+        if single_row not in self.sessions:
+            model = self.builder.build(single_row=single_row)
+            self.sessions[single_row] = ort.InferenceSession(
+                model.SerializeToString(), self.options, providers=["CPUExecutionProvider"]
+            )
+        return self.sessions[single_row]
+
+    def run_arrays(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (B, K) and exit layers (B,) for one right-padded int64 batch (B, T), as numpy arrays."""
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "token_type_ids" in self.input_names:
+            feed["token_type_ids"] = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
+        logits, layers = self.session(single_row=input_ids.shape[0] == 1).run(None, feed)
+        return logits, layers
 
     def run(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, K) and exit layers (B,) for one right-padded batch (B, T)."""
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-        if "token_type_ids" in self.input_names:
-            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-            feed["token_type_ids"] = types.numpy()
-        logits, layers = self.session.run(None, feed)
+        types = token_type_ids.long().numpy() if token_type_ids is not None else None
+        logits, layers = self.run_arrays(input_ids.long().numpy(), attention_mask.long().numpy(), types)
         return torch.from_numpy(logits), torch.from_numpy(layers)
