@@ -48,10 +48,10 @@ from torch import nn
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.data import TextDataset, load_named_dataset
 from badge.logits import encode_padded, length_sorted_batches, plain_forward
-from badge.metrics import primary_metric_name, task_metrics
 from badge.onnx_engine import OnnxEarlyExitEngine, export_onnx
 from badge.pruning import head_importance, prune_heads
 from badge.quantize import quantize_torch
+from badge.tasks import get_task
 from badge.workflows import UsageError, policy_from_options
 
 Batch = dict[str, torch.Tensor]
@@ -242,7 +242,7 @@ def measure_answers(rows: list[Row], batches: list[Batch], labels: torch.Tensor,
             layers.append(batch_layers if batch_layers is not None else torch.full((len(batch_logits),), num_layers))
             order.append(batch["row"])
         rows_in_order = torch.cat(order)
-        row.metric = task_metrics(torch.cat(logits), labels[rows_in_order], task)[primary_metric_name(task)]
+        row.metric = get_task(task).metric.compute(torch.cat(logits), labels[rows_in_order])
         row.mean_exit_layer = torch.cat(layers).float().mean().item()
 
 
@@ -306,7 +306,7 @@ def compare_best(rows: list[Row], sizes: list[int], max_drop: float) -> list[Com
 
 
 def markdown(rows: list[Row], comparisons: list[Comparison], args: argparse.Namespace, header: list[str]) -> str:
-    metric_name = primary_metric_name(args.task)
+    metric_name = get_task(args.task).metric.name
     sizes = args.batch_sizes
     columns = [(clock, b) for clock in CLOCKS for b in sizes]
     lines = [
@@ -356,7 +356,7 @@ def as_json(rows: list[Row], comparisons: list[Comparison], args: argparse.Names
             {
                 "name": row.name,
                 "kind": row.kind,
-                primary_metric_name(args.task): round(row.metric, 4),
+                get_task(args.task).metric.name: round(row.metric, 4),
                 "mean_exit_layer": round(row.mean_exit_layer, 4),
                 "parameters": row.parameters,
                 "speedup": per_size(row.speedup["wall"]),
