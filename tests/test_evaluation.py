@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig
 
 from badge import ExitPolicy, MultiExitConfig, MultiExitModel
-from badge.calibration import calibrate
+from badge.calibration import calibrate, drop_bound
 from badge.comparison import (
     RuleCurve,
     Scorer,
@@ -22,7 +22,7 @@ from badge.comparison import (
 )
 from badge.logits import exit_logits_for
 from badge.rules import simulate
-from badge.sweep import SweepPoint, fit_gate_for, sweep
+from badge.sweep import SweepPoint, SweepResult, fit_gate_for, sweep
 from badge.timing import exit_costs
 
 
@@ -104,6 +104,7 @@ def test_calibrate_meets_the_target_on_the_sweep() -> None:
         metric_name = "accuracy"
         curves = ["entropy"]
         points = [point(1.2, 83.9, tau=0.1), point(1.8, 83.2, tau=0.2), point(2.5, 81.0, tau=0.4)]
+        full_per_text = None  # no per-text scores: max_drop compares the drops themselves
 
     assert calibrate(Result, "entropy", max_drop=1.0).policy["tau"] == 0.2
     assert calibrate(Result, "entropy", speedup=2.0).policy["tau"] == 0.4
@@ -111,6 +112,48 @@ def test_calibrate_meets_the_target_on_the_sweep() -> None:
         calibrate(Result, "entropy", speedup=3.0)
     with pytest.raises(ValueError, match="has no sweep points"):
         calibrate(Result, "pcee", speedup=1.1)
+
+
+def correct_on(n: int, right: list[int]) -> torch.Tensor:
+    """(n,) per-text scores in points: 100 on the texts in `right`, 0 elsewhere."""
+    scores = torch.zeros(n)
+    scores[right] = 100.0
+    return scores
+
+
+def test_drop_bound_is_the_paired_drop_plus_1_645_standard_errors() -> None:
+    full, setting = torch.tensor([100.0, 100.0, 100.0, 0.0]), torch.tensor([100.0, 0.0, 100.0, 0.0])
+    # full - setting = (0, 100, 0, 0): mean 25, standard deviation 50, standard error 50 / sqrt(4) = 25
+    drop, bound = drop_bound(setting, full)
+    assert drop == pytest.approx(25.0)
+    assert bound == pytest.approx(25.0 + 1.6448536 * 25.0)
+    assert drop_bound(full, full) == (0.0, 0.0)
+
+
+def test_max_drop_passes_over_a_setting_whose_drop_only_looks_small() -> None:
+    n = 400
+    full = correct_on(n, list(range(320)))  # 80 %
+    # fast: 40 of the full model's right answers lost, 38 of its wrong ones gained: drop 0.5, but noisy
+    fast = correct_on(n, list(range(40, 320)) + list(range(320, 358)))
+    # safe: one right answer lost: drop 0.25, bound 0.25 + 1.645 * 5 / 20
+    safe = correct_on(n, list(range(1, 320)))
+    points = [
+        point(2.5, float(fast.mean()), tau=0.6),
+        point(1.5, float(safe.mean()), tau=0.3),
+        point(1.0, 80.0, tau=0.0),
+    ]
+    for setting, scores in zip(points, (fast, safe, full), strict=True):
+        setting.per_text = scores
+    result = SweepResult("accuracy", 6, 80.0, points, full)
+
+    assert drop_bound(fast, full)[0] == pytest.approx(0.5) and drop_bound(fast, full)[1] > 1.0
+    assert drop_bound(safe, full)[1] == pytest.approx(0.25 + 1.6448536 * 5.0 / 20.0, abs=1e-3)
+    assert calibrate(result, "entropy", max_drop=1.0).policy["tau"] == 0.3
+    assert calibrate(result, "entropy", max_drop=5.0).policy["tau"] == 0.6
+    result.full_per_text = None  # the same sweep without per-text scores: the point estimate alone decides
+    assert calibrate(result, "entropy", max_drop=1.0).policy["tau"] == 0.6
+    with pytest.raises(ValueError, match="with 95 % confidence"):
+        calibrate(SweepResult("accuracy", 6, 80.0, points[:1], full), "entropy", max_drop=1.0)
 
 
 @pytest.fixture(scope="module")

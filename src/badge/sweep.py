@@ -33,6 +33,7 @@ class SweepPoint:
     saved_fraction: float
     flops_ratio: float
     wallclock_speedup: float | None = None
+    per_text: torch.Tensor | None = field(default=None, repr=False)  # (N,) score per text, when kept
 
 
 @dataclass
@@ -43,6 +44,7 @@ class SweepResult:
     num_layers: int
     full_metric: float
     points: list[SweepPoint]
+    full_per_text: torch.Tensor | None = field(default=None, repr=False)  # (N,) the full model's, when kept
 
     @property
     def curves(self) -> list[str]:
@@ -131,10 +133,12 @@ def evaluate_policy(
     costs: torch.Tensor,
     curve: str | None = None,
     positions: torch.Tensor | None = None,
+    keep_scores: bool = False,
 ) -> SweepPoint:
     """Replay one policy over stored exit logits (N, E, K) and measure metric, speedups and FLOPs.
 
-    `positions` (N,), when given, are the exits to measure instead (the gate's cross-fitted ones)."""
+    `positions` (N,), when given, are the exits to measure instead (the gate's cross-fitted ones).
+    `keep_scores`: also keep each text's score (None where the metric is not a mean over texts)."""
     task = model.config.problem_type
     if positions is None:
         positions = simulate(exit_logits, policy, task, model.exit_layers, labels)
@@ -150,6 +154,7 @@ def evaluate_policy(
         layer_speedup=model.num_layers / mean_layer,
         saved_fraction=1.0 - mean_layer / model.num_layers,
         flops_ratio=float(costs[positions].mean()),
+        per_text=get_task(task).per_text_metric(chosen, labels) if keep_scores else None,
     )
 
 
@@ -167,14 +172,16 @@ def sweep(
     seq_len: int,
     policies: list[tuple[str, ExitPolicy]] | None = None,
     fitted: FittedGate | None = None,
+    keep_scores: bool = False,
 ) -> SweepResult:
     """Every rule's settings replayed over stored logits of one split: the raw points, nothing chosen.
 
-    `fitted`: a gate fitted on this same split, whose points then come from its cross-fitted exits."""
+    `fitted`: a gate fitted on this same split, whose points then come from its cross-fitted exits.
+    `keep_scores`: keep each text's score under every setting and the full model (what `calibrate` pairs)."""
     task = model.config.problem_type
     policies = policies if policies is not None else default_policies(task, model.num_layers)
     costs = exit_costs(model, seq_len)
-    full = evaluate_policy(exit_logits, labels, ExitPolicy("full"), model, costs, "full")
+    full = evaluate_policy(exit_logits, labels, ExitPolicy("full"), model, costs, "full", keep_scores=keep_scores)
     points = [
         evaluate_policy(
             exit_logits,
@@ -184,10 +191,11 @@ def sweep(
             costs,
             curve,
             fitted.positions(policy.tau) if fitted is not None and policy.rule == "gate" else None,
+            keep_scores,
         )
         for curve, policy in policies
     ]
-    return SweepResult(get_task(task).metric.name, model.num_layers, full.metric, points)
+    return SweepResult(get_task(task).metric.name, model.num_layers, full.metric, points, full.per_text)
 
 
 @dataclass
@@ -212,13 +220,15 @@ def sweep_dataset(
     max_length: int | None = None,
     policies: list[tuple[str, ExitPolicy]] | None = None,
     batch_size: int = 32,
+    keep_scores: bool = False,
 ) -> SweepResult:
-    """Every rule's settings (or `policies`) on one labelled dataset: the model runs once, rules replay."""
+    """Every rule's settings (or `policies`) on one labelled dataset: the model runs once, rules replay.
+    `keep_scores`: keep each text's score per setting (see `sweep`)."""
     split, _, seq_len = split_logits(model, dataset, model.max_length(max_length), batch_size)
     fitted = fit_gate_for(split) if policies is None else None
     if policies is None:
         policies = default_policies(model.config.problem_type, model.num_layers, gate=fitted.gate if fitted else None)
-    return sweep(model, split.exit_logits, split.labels, seq_len, policies, fitted)
+    return sweep(model, split.exit_logits, split.labels, seq_len, policies, fitted, keep_scores)
 
 
 def run_sweep(
