@@ -22,20 +22,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from training_runs import (
+    BASELINE_RULES,
+    DEFAULT_RULE,
+    DEFAULT_SCHEME,
+    HERE,
+    PLANS,
+    Run,
+    finished,
+    load_run,
+    machine,
+    plan_runs,
+    train_and_store,
+)
 
-from badge import MultiExitModel
 from badge.comparison import (
-    BOOTSTRAP_RESAMPLES,
     TARGET_SPEEDUPS,
     Measured,
     RuleComparison,
@@ -45,173 +52,8 @@ from badge.comparison import (
     mean_over_seeds,
     paired_bootstrap,
 )
-from badge.data import default_cache_dir, load_named_dataset, sample
-from badge.encoders import minilm_l6_dir, mpnet_base_dir
-from badge.logits import split_logits
 from badge.report import comparison_markdown, fmt, fmt_difference
 from badge.sweep import default_policies, fit_gate_for
-from badge.training import TrainingArguments, scheme_model_options, train
-
-HERE = Path(__file__).resolve().parent
-
-# name -> (training scheme, extra model options)
-SCHEMES = {
-    "joint": ("joint", {}),
-    "single_exit": ("single_exit", {}),
-    "two_stage": ("two_stage", {}),
-    "bb": ("bb", {"gamma": 0.3}),
-    "distill": ("distill", {}),
-    "bb_distill": ("bb_distill", {}),
-    "bb2": ("bb2", {}),
-    "bb2_distill": ("bb2_distill", {}),
-}
-# The candidate for the new default: the best of the pilots (bypasses on tokens, depth damper, distillation).
-DEFAULT_SCHEME = "bb2_distill"
-DEFAULT_RULE = "entropy"  # what `badge calibrate` uses
-BASELINE_RULES = ("entropy", "maxprob", "pcee", "patience", "static")
-MAX_LENGTH = {"rotten-tomatoes": 64, "reuters-r8": 128, "tweet-sentiment": 64}
-# Seconds per training step at batch 16 on 2 CPU cores, by (backbone, max length): for the plan's time estimate.
-STEP_SECONDS = {("minilm", 64): 0.55, ("minilm", 128): 1.1, ("mpnet", 64): 3.5, ("mpnet", 128): 7.9}
-TRAIN_SIZE = {"rotten-tomatoes": 10_300, "reuters-r8": 4_900, "tweet-sentiment": 29_000}  # after de-duplication
-
-PLANS = {
-    "smoke": {
-        "datasets": ["rotten-tomatoes"],
-        "seeds": [0],
-        "schemes": ["joint", DEFAULT_SCHEME, "single_exit"],
-        "ablation": [],
-        "train_samples": 64,
-        "epochs": 1.0,
-        "mpnet": None,
-        "eval_limit": 96,
-        "resamples": 200,
-    },
-    "v2": {
-        "datasets": ["rotten-tomatoes", "tweet-sentiment", "reuters-r8"],
-        "seeds": [0, 1, 2],
-        "schemes": [DEFAULT_SCHEME, "joint", "single_exit"],
-        # each ingredient alone, on the first dataset, after the main comparison and MPNet
-        "ablation": ["bb", "bb2", "distill", "bb_distill"],
-        "train_samples": 6000,
-        "epochs": 3.0,
-        "mpnet": {"dataset": "rotten-tomatoes", "seeds": [0], "train_samples": 6000, "epochs": 2.0},
-        "eval_limit": None,
-        "resamples": BOOTSTRAP_RESAMPLES,
-    },
-}
-
-
-# ----- runs ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Run:
-    """One training run of the plan."""
-
-    dataset: str
-    backbone: str  # minilm or mpnet
-    scheme: str  # a key of SCHEMES
-    seed: int
-    train_samples: int | None
-    epochs: float
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}-{self.backbone}-{self.scheme}-s{self.seed}"
-
-    def expected_seconds(self) -> float:
-        texts = min(self.train_samples or TRAIN_SIZE[self.dataset], TRAIN_SIZE[self.dataset])
-        steps = self.epochs * texts / 16
-        return 1.1 * steps * STEP_SECONDS[(self.backbone, MAX_LENGTH[self.dataset])]  # 10 % for evaluation
-
-
-def plan_runs(plan: dict) -> list[Run]:
-    """The plan's runs in the order they are trained: the main comparison on every dataset first (it decides the
-    defaults), then MPNet, then the ablation on the first dataset (it explains the result)."""
-    runs = []
-    for dataset in plan["datasets"]:
-        for seed in plan["seeds"]:
-            runs += [Run(dataset, "minilm", s, seed, plan["train_samples"], plan["epochs"]) for s in plan["schemes"]]
-    if plan["mpnet"]:
-        mpnet = plan["mpnet"]
-        runs += [
-            Run(mpnet["dataset"], "mpnet", DEFAULT_SCHEME, seed, mpnet["train_samples"], mpnet["epochs"])
-            for seed in mpnet["seeds"]
-        ]
-    for seed in plan["seeds"]:
-        runs += [
-            Run(plan["datasets"][0], "minilm", s, seed, plan["train_samples"], plan["epochs"]) for s in plan["ablation"]
-        ]
-    return runs
-
-
-def run_folder(runs_dir: Path, run: Run) -> Path:
-    return runs_dir / run.name
-
-
-def finished(runs_dir: Path, run: Run) -> bool:
-    return (run_folder(runs_dir, run) / "logits.safetensors").is_file()
-
-
-def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | None) -> None:
-    """Train one run (resuming its checkpoint if any), then store its logits on validation and test."""
-    models = default_cache_dir() / "benchmark-models" / plan_name / run.name
-    splits = load_named_dataset(run.dataset, split_seed=0, quiet=True)
-    scheme, options = SCHEMES[run.scheme]
-    backbone = minilm_l6_dir() if run.backbone == "minilm" else mpnet_base_dir()
-    started = time.perf_counter()
-    if not (models / "best" / "config.json").is_file() or (models / "checkpoint").is_dir():
-        torch.manual_seed(run.seed)
-        model = MultiExitModel.from_encoder(
-            backbone, label_names=splits["train"].label_names, **{**scheme_model_options(scheme), **options}
-        )
-        resume = (models / "checkpoint" / "trainer_state.json").is_file()
-        args = TrainingArguments(
-            output_dir=str(models),
-            scheme=scheme,
-            epochs=run.epochs,
-            batch_size=16,
-            max_length=MAX_LENGTH[run.dataset],
-            seed=run.seed,
-            save_steps=200,
-            resume=resume,
-            overwrite=not resume,  # a run without a usable checkpoint starts over
-        )
-        result = train(model, sample(splits["train"], run.train_samples, run.seed), splits["validation"], args)
-        history = result.history
-    else:
-        history = []
-    model = MultiExitModel.from_pretrained(models / "best").eval()
-    tensors = {}
-    for split in ("validation", "test"):
-        data = sample(splits[split], eval_limit, 0)
-        logits, _, _ = split_logits(model, data, MAX_LENGTH[run.dataset], batch_size=64)
-        tensors[f"{split}_logits"], tensors[f"{split}_labels"] = logits.exit_logits.contiguous(), logits.labels
-    folder = run_folder(runs_dir, run)
-    folder.mkdir(parents=True, exist_ok=True)
-    record = {
-        **asdict(run),
-        "name": run.name,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "exit_layers": model.exit_layers,
-        "config": {
-            key: model.config.to_dict().get(key)
-            for key in ("use_bypass", "bypass_input", "gamma", "gamma_schedule", "block_size", "distill_weight")
-        },
-        "history": history,
-        "machine": machine(),
-    }
-    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-    save_file(tensors, folder / "logits.safetensors")  # written last: its presence marks the run finished
-
-
-def load_run(runs_dir: Path, run: Run) -> dict[str, SplitLogits]:
-    folder = run_folder(runs_dir, run)
-    tensors = load_file(folder / "logits.safetensors")
-    layers = json.loads((folder / "run.json").read_text())["exit_layers"]
-    task = "single_label_classification"
-    return {
-        split: SplitLogits(tensors[f"{split}_logits"], tensors[f"{split}_labels"], layers, task)
-        for split in ("validation", "test")
-    }
 
 
 # ----- 1. training ---------------------------------------------------------------------------
@@ -376,10 +218,6 @@ def pooled(sides_by_dataset: dict[str, dict], resamples: int) -> dict:
 
 
 # ----- report --------------------------------------------------------------------------------
-def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
-
 def build_results(plan_name: str, plan: dict, runs_dir: Path) -> dict:
     runs = plan_runs(plan)
     done = [r for r in runs if finished(runs_dir, r)]
