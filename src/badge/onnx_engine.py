@@ -41,7 +41,7 @@ from badge.rules import ExitPolicy
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "badge-onnx"  # the `format` key of a manifest
-OPSET = 18
+OPSET = 20
 ENGINES = ("auto", "torch", "onnx")
 GRAPH_MODES = ("auto", "one", "layers")
 _EXPORTER_REGISTRY_LOG = logging.getLogger("torch.onnx._internal.exporter._registration")
