@@ -59,6 +59,41 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
+# Short reviews that the served-model tests (HTTP and Ray) send; the Ray tests use the first ten.
+SERVED_LABELS = ["negative", "positive"]
+SERVED_TEXTS = [
+    "the movie was good",
+    "a very dull plot",
+    "the acting was quite superb and the story fun",
+    "boring",
+    "it was a weak film and the plot was cold",
+    "lovely warm story",
+    "the film was fine",
+    "awful acting",
+    "a bright and great movie",
+    "the story was poor and very boring",
+    "fun",
+    "quite a grim and dull film",
+]
+
+
+def save_served_model(encoder: Path, folder: Path) -> Path:
+    """Save a 4-layer model whose default policy (maxprob 0.9) sends texts out at layer 2 or 3: its random exits
+    are spread so that the first is never sure and later ones sometimes are."""
+    from badge import MultiExitModel
+
+    torch.manual_seed(0)
+    model = MultiExitModel.from_encoder(
+        encoder, label_names=SERVED_LABELS, pooling="mean", exit_policy={"rule": "maxprob", "tau": 0.9}
+    )
+    with torch.no_grad():
+        for layer, head in model.exits.items():
+            head.dense.weight.normal_(std=0.5)
+            head.out.weight.normal_(std=0.01 if layer == "1" else 2.0)
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer, hidden-32 random BERT encoder folder."""

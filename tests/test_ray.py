@@ -21,6 +21,8 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'badge[ray]'")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is part of the extra: pip install 'badge[ray]'")
 
+from conftest import SERVED_LABELS, SERVED_TEXTS, save_served_model  # noqa: E402
+
 from badge import EarlyExitEngine, MultiExitModel  # noqa: E402
 from badge.data import DataError  # noqa: E402
 from badge.distributed import build_app, input_files, output_files, predict_on_ray, serve_on_ray  # noqa: E402
@@ -28,35 +30,14 @@ from badge.predict import predict_file  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-LABELS = ["negative", "positive"]
-TEXTS = [
-    "the movie was good",
-    "a very dull plot",
-    "the acting was quite superb and the story fun",
-    "boring",
-    "it was a weak film and the plot was cold",
-    "lovely warm story",
-    "the film was fine",
-    "awful acting",
-    "a bright and great movie",
-    "the story was poor and very boring",
-]
+LABELS = SERVED_LABELS
+TEXTS = SERVED_TEXTS[:10]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved 4-layer model whose exits are spread, so texts leave at different layers."""
-    torch.manual_seed(0)
-    model = MultiExitModel.from_encoder(
-        tiny_encoder, label_names=LABELS, pooling="mean", exit_policy={"rule": "maxprob", "tau": 0.9}
-    )
-    with torch.no_grad():
-        for layer, head in model.exits.items():
-            head.dense.weight.normal_(std=0.5)
-            head.out.weight.normal_(std=0.01 if layer == "1" else 2.0)
-    folder = tmp_path_factory.mktemp("ray-model") / "model"
-    model.save_pretrained(folder)
-    return folder
+    return save_served_model(tiny_encoder, tmp_path_factory.mktemp("ray-model") / "model")
 
 
 @pytest.fixture(scope="module")

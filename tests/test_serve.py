@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 import uvicorn
+from conftest import SERVED_LABELS, SERVED_TEXTS, save_served_model
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,21 +25,8 @@ from badge.engine import EngineOutput
 from badge.rules import PolicyError
 from badge.serve import BatcherStopped, DeadlineExceeded, MicroBatcher, create_app, derive_max_queue
 
-LABELS = ["negative", "positive"]
-TEXTS = [
-    "the movie was good",
-    "a very dull plot",
-    "the acting was quite superb and the story fun",
-    "boring",
-    "it was a weak film and the plot was cold",
-    "lovely warm story",
-    "the film was fine",
-    "awful acting",
-    "a bright and great movie",
-    "the story was poor and very boring",
-    "fun",
-    "quite a grim and dull film",
-]
+LABELS = SERVED_LABELS
+TEXTS = SERVED_TEXTS
 POISON = "[MASK]"  # the failing-model hook below breaks on this token only
 LIMITS = {"max_wait_ms": 50, "max_texts": 8, "max_chars": 200, "max_body_bytes": 4096}
 
@@ -46,17 +34,7 @@ LIMITS = {"max_wait_ms": 50, "max_texts": 8, "max_chars": 200, "max_body_bytes":
 @pytest.fixture(scope="module")
 def model_dir(tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved 4-layer model whose default policy (maxprob 0.9) sends texts out at layer 2 or 3."""
-    torch.manual_seed(0)
-    model = MultiExitModel.from_encoder(
-        tiny_encoder, label_names=LABELS, pooling="mean", exit_policy={"rule": "maxprob", "tau": 0.9}
-    )
-    with torch.no_grad():  # spread the random exits: the first is never sure, later ones sometimes are
-        for layer, head in model.exits.items():
-            head.dense.weight.normal_(std=0.5)
-            head.out.weight.normal_(std=0.01 if layer == "1" else 2.0)
-    folder = tmp_path_factory.mktemp("served") / "model"
-    model.save_pretrained(folder)
-    return folder
+    return save_served_model(tiny_encoder, tmp_path_factory.mktemp("served") / "model")
 
 
 @pytest.fixture(scope="module")
