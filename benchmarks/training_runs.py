@@ -95,11 +95,12 @@ class Run:
 
 
 def plan_runs(plan: dict) -> list[Run]:
-    """The plan's runs in the order they are trained: the main comparison on every dataset first (it decides the
-    defaults), then MPNet, then the ablation on the first dataset (it explains the result)."""
+    """The plan's runs in the order they are trained: the main comparison first (it decides the defaults), one seed
+    on every dataset before the next seed (so an interrupted plan has seen every dataset), then MPNet, then the
+    ablation on the first dataset (it explains the result)."""
     runs = []
-    for dataset in plan["datasets"]:
-        for seed in plan["seeds"]:
+    for seed in plan["seeds"]:
+        for dataset in plan["datasets"]:
             runs += [Run(dataset, "minilm", s, seed, plan["train_samples"], plan["epochs"]) for s in plan["schemes"]]
     if plan["mpnet"]:
         mpnet = plan["mpnet"]
