@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
 import time
@@ -23,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
 from badge.engine import EngineOutput
 from badge.rules import PolicyError
-from badge.serve import BatcherStopped, DeadlineExceeded, MicroBatcher, create_app, derive_max_queue
+from badge.serve import BatcherStopped, DeadlineExceeded, MicroBatcher, Overloaded, create_app, derive_max_queue
+from badge.serve.batcher import SATURATED_AFTER
 
 LABELS = SERVED_LABELS
 TEXTS = SERVED_TEXTS
@@ -516,3 +518,53 @@ def test_the_derived_queue_bound_is_reported(model_dir: Path) -> None:
         ready = http.get("/readyz").json()
     assert info["max_queue"] == ready["max_queue"]
     assert info["max_queue"] % 4 == 0 and info["max_queue"] > 4
+
+
+def test_the_warm_heap_is_frozen_while_serving_and_handed_back_at_shutdown(model_dir: Path) -> None:
+    """A full collection must not walk the model and libraries under load; an embedding process gets its heap back."""
+    gc.unfreeze()
+    with TestClient(create_app(model_dir, max_batch_size=4)) as http:
+        assert http.post("/v1/classify", json={"texts": TEXTS[0]}).status_code == 200
+        frozen = gc.get_freeze_count()
+    assert frozen > 10_000  # torch, transformers and the model's objects at the least
+    assert gc.get_freeze_count() == 0
+    with TestClient(create_app(model_dir, max_batch_size=4, freeze_gc=False)):
+        assert gc.get_freeze_count() == 0
+
+
+def test_a_saturated_model_holds_its_queue_to_one_batch_while_bursts_may_fill_max_queue() -> None:
+    def classify(policy: ExitPolicy, texts: list[str], text_pairs: list[str] | None) -> EngineOutput:
+        time.sleep(0.25)
+        n = len(texts)
+        return EngineOutput(
+            labels=[0] * n, probs=torch.ones(n, 2) / 2, exit_layers=torch.ones(n), logits=torch.zeros(n, 2)
+        )
+
+    burst_size = 2 * SATURATED_AFTER + 2  # full batches of 2 texts enough to saturate, and 2 texts still waiting
+
+    async def scenario() -> tuple:
+        batcher = MicroBatcher(classify, max_batch_size=2, max_wait_ms=0, max_queue=burst_size)
+        batcher.start()
+        burst = [asyncio.create_task(batcher.submit([f"t{i}"], None, ExitPolicy("full"))) for i in range(burst_size)]
+        await asyncio.sleep(0.05)  # the burst fits max_queue: 2 texts run, the rest wait
+        burst_limit, saturated_early = batcher.queue_limit, batcher.saturated
+        await asyncio.sleep(0.25 * (SATURATED_AFTER - 1) + 0.05)  # the last of SATURATED_AFTER full batches runs
+        saturated, overload_limit = batcher.saturated, batcher.queue_limit
+        refused = None
+        try:
+            await batcher.submit(["one too many"], None, ExitPolicy("full"))
+        except Overloaded as error:
+            refused = str(error)
+        results = await asyncio.gather(*burst)
+        await batcher.submit(["alone"], None, ExitPolicy("full"))  # a batch that is not full
+        after = batcher.saturated, batcher.queue_limit
+        await batcher.stop()
+        return burst_limit, saturated_early, saturated, overload_limit, refused, results, after
+
+    burst_limit, saturated_early, saturated, overload_limit, refused, results, after = asyncio.run(scenario())
+    assert burst_limit == burst_size and not saturated_early
+    assert saturated and overload_limit == 2
+    expected = "2 texts already wait for the model; the queue holds 2 now (the server is overloaded: it holds"
+    assert refused is not None and f"{expected} {burst_size} for bursts)" in refused
+    assert len(results) == burst_size and all(isinstance(result, EngineOutput) for result in results)
+    assert after == (False, burst_size)

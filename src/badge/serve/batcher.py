@@ -21,6 +21,11 @@ from badge.rules import ExitPolicy
 logger = logging.getLogger(__name__)
 
 
+# Full batches in a row after which the queue is held to one batch (see `MicroBatcher`). Near capacity a few
+# full batches come in bursts; under overload every batch is full.
+SATURATED_AFTER = 4
+
+
 class Overloaded(Exception):
     """The queue cannot take a request now; `retry_after_s` says when it likely can."""
 
@@ -80,6 +85,9 @@ class MicroBatcher:
 
     Admission: at most `max_queue` texts wait; `submit` refuses more with `Overloaded` at once, so an
     overloaded server answers the excess quickly instead of queueing it past any useful deadline.
+    `max_queue` is there for bursts. `SATURATED_AFTER` full batches in a row (as many texts as a batch
+    holds, or more waiting) are saturation, not a burst: while it lasts at most `max_batch_size` texts may wait, so an
+    accepted text runs in the next batch and waits about two batches, not `max_queue` texts' worth.
     A job whose deadline passed (or whose caller gave up) is dropped when it leaves the queue and
     again just before its engine call: it never takes a place in a batch or a moment of the model.
 
@@ -115,12 +123,13 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._batch: list[_Job] = []  # the jobs taken off the queue for the current batch
         self._running = False  # an engine call is in progress
+        self._full = [False] * SATURATED_AFTER  # was each of the last gathered batches full
         self._stopping = False
 
     def start(self) -> None:
         """Start the worker thread and the gathering loop (call inside the running event loop)."""
         self._queue, self._carry = asyncio.Queue(), None  # made here: a queue belongs to one event loop
-        self.waiting_texts, self._stopping = 0, False
+        self.waiting_texts, self._stopping, self._full = 0, False, [False] * SATURATED_AFTER
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="badge-model")
         self._task = asyncio.get_running_loop().create_task(self._loop())
         self._task.add_done_callback(self._on_loop_end)
@@ -131,8 +140,18 @@ class MicroBatcher:
         return self._task is not None and not self._task.done() and not self._stopping
 
     @property
+    def saturated(self) -> bool:
+        """True while the model cannot keep up: the last `SATURATED_AFTER` batches were full."""
+        return all(self._full)
+
+    @property
+    def queue_limit(self) -> int:
+        """Most texts that may wait now: `max_queue`, or one batch while the model is saturated."""
+        return min(self.max_queue, self.max_batch_size) if self.saturated else self.max_queue
+
+    @property
     def queue_full(self) -> bool:
-        return self.waiting_texts >= self.max_queue
+        return self.waiting_texts >= self.queue_limit
 
     def retry_after_s(self) -> int:
         """Whole seconds until the texts waiting now are likely done (at least 1)."""
@@ -141,7 +160,8 @@ class MicroBatcher:
     def overloaded(self) -> Overloaded:
         """The refusal for a request that does not fit the queue now."""
         return Overloaded(
-            f"{self.waiting_texts} texts already wait for the model; the queue holds {self.max_queue}",
+            f"{self.waiting_texts} texts already wait for the model; the queue holds {self.queue_limit} now"
+            + (f" (the server is overloaded: it holds {self.max_queue} for bursts)" if self.saturated else ""),
             self.retry_after_s(),
         )
 
@@ -184,7 +204,7 @@ class MicroBatcher:
         """
         if not self.alive:
             raise BatcherStopped("the server is shutting down" if self._stopping else "the batching loop stopped")
-        if self.waiting_texts > 0 and self.waiting_texts + len(texts) > self.max_queue:
+        if self.waiting_texts > 0 and self.waiting_texts + len(texts) > self.queue_limit:
             raise self.overloaded()
         future = asyncio.get_running_loop().create_future()
         job = _Job(texts, text_pairs, policy, future, deadline)
@@ -228,6 +248,8 @@ class MicroBatcher:
         while True:
             self._batch = []
             self._batch = batch = await self._gather()
+            full = sum(len(job.texts) for job in batch) >= self.max_batch_size or self.waiting_texts > 0
+            self._full = [*self._full[1:], full or self._carry is not None]
             groups: dict[tuple[str, bool], list[_Job]] = {}
             for job in batch:
                 groups.setdefault(job.group, []).append(job)
