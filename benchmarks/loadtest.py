@@ -1,15 +1,19 @@
-"""HTTP load test with Locust: capacity, sustained load, 2x overload, a memory soak, and Ray Serve replicas.
+"""HTTP load test with h2load: capacity, sustained load, 2x overload, a memory soak, and Ray Serve replicas.
 
     python benchmarks/loadtest.py runs/quickstart/best            # writes benchmarks/LOADTEST.md
 
-Every server runs in a child process on 127.0.0.1 and every load phase is bounded in time; Locust
-(`benchmarks/locustfile.py`, headless, one process) sends one text per request. Phases against the
-single-process server (`badge.serve.run_server`, its default admission control):
+The load comes from h2load (Debian/Ubuntu package `nghttp2-client`), a load generator written in C: on
+the same machine it takes a few percent of one core where a Python generator competes with the server
+for the CPUs it measures. Every server runs in a child process on 127.0.0.1 and every load phase is
+bounded in time; one h2load process per built-in review sends that review, one text per request, and
+logs every answer's status and latency. Phases against the single-process server
+(`badge.serve.run_server`, its default admission control):
 
-1. capacity: closed loop (each user sends again as soon as answered), as many users as the queue holds;
-   capacity = answered requests per second.
-2. sustained: open loop at 80 % of capacity (users pacing themselves with `constant_throughput`);
-   must end with 0 errors.
+1. capacity: closed loop (clients each sending again as soon as answered), as many clients as the
+   queue holds; capacity = answered requests per second. Every request of every phase opens its own
+   connection, so capacity includes the same per-connection cost as the open-loop phases.
+2. sustained: open loop at 80 % of capacity (a new connection per request at a fixed rate, whatever
+   the server does); must end with 0 errors.
 3. overload: open loop at 200 % of capacity; the excess must get 503 in under 50 ms (p99), and the
    accepted requests must keep p99 under twice the sustained p99.
 4. soak: 80 % of capacity for `--soak-s` seconds while the server's resident memory is sampled.
@@ -21,11 +25,12 @@ capacity and sustained 80 %. Results go to a Markdown table (default benchmarks/
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import platform
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -35,14 +40,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 import httpx
+import numpy
 from prometheus_client.parser import text_string_to_metric_families
 
 HOST = "127.0.0.1"
-LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 REVIEWS = [
     "A warm, funny film with a great cast.",
     "The plot drags and the jokes fall flat.",
@@ -78,34 +82,41 @@ serve_on_ray(options.pop("model_dir"), **options)
 
 @dataclass
 class Phase:
-    """One bounded Locust run and what came back: accepted (200) and refused (503) answers, failures."""
+    """One bounded h2load run and what came back: latencies (ms) by HTTP status, and requests never answered."""
 
     name: str
     offered_rps: float | None  # None: closed loop
-    users: int
+    clients: int  # closed loop: connections that each send again as soon as answered; open loop: requests
     seconds: float
-    accepted: dict = field(default_factory=dict)  # Locust's stats row of `accepted`
-    refused: dict = field(default_factory=dict)  # ... of `refused`
-    failures: int = 0
-    failure_kinds: dict = field(default_factory=dict)
+    latencies_ms: dict[int, list[float]] = field(default_factory=dict)
+    unanswered: int = 0  # sent but never answered (connection errors, timeouts, cut off at the end)
     server_refusals: tuple[float, float] | None = None  # (503s, 503s answered within 50 ms), server's own clock
 
     @property
     def accepted_count(self) -> int:
-        return int(self.accepted.get("Request Count", 0)) - int(self.accepted.get("Failure Count", 0))
+        return len(self.latencies_ms.get(200, []))
 
     @property
     def refused_count(self) -> int:
-        return int(self.refused.get("Request Count", 0))
+        return len(self.latencies_ms.get(503, []))
+
+    @property
+    def failures(self) -> int:
+        """Answers other than 200 and 503, plus requests never answered."""
+        return self.unanswered + sum(len(v) for status, v in self.latencies_ms.items() if status not in (200, 503))
+
+    @property
+    def failure_kinds(self) -> dict[str, int]:
+        kinds = {f"status {s}": len(v) for s, v in self.latencies_ms.items() if s not in (200, 503)}
+        return {**kinds, **({"unanswered": self.unanswered} if self.unanswered else {})}
 
     @property
     def accepted_rps(self) -> float:
         return self.accepted_count / self.seconds
 
-    def percentile(self, which: str, column: str) -> float:
-        row = self.accepted if which == "accepted" else self.refused
-        value = row.get(column, "N/A")
-        return math.nan if value in ("N/A", "", None) else float(value)
+    def percentile(self, which: str, q: float) -> float:
+        values = self.latencies_ms.get(200 if which == "accepted" else 503, [])
+        return float(numpy.percentile(values, q)) if values else math.nan
 
 
 def free_port() -> int:
@@ -160,26 +171,57 @@ def wait_until_ready(process: subprocess.Popen, url: str, timeout_s: float, log:
     raise RuntimeError(f"the server at {url} was not ready within {timeout_s} s; its log:\n{log.read_text()[-3000:]}")
 
 
-def run_locust(url: str, phase: Phase, texts_file: Path, workdir: Path) -> Phase:
-    """Run one headless Locust phase against `url` and fill `phase` from its CSV statistics."""
-    prefix = workdir / phase.name.replace(" ", "-")
-    rate_per_user = 0.0 if phase.offered_rps is None else phase.offered_rps / phase.users
-    env = {**os.environ, "LOADTEST_RATE_PER_USER": str(rate_per_user), "LOADTEST_TEXTS": str(texts_file)}
-    spawn_rate = max(phase.users / 2, 1)  # all users within 2 s
-    command = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-        "--users", str(phase.users), "--spawn-rate", str(spawn_rate), "--run-time", f"{phase.seconds:g}s",
-        "--stop-timeout", "30", "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
-        "--exit-code-on-error", "0",
-    ]  # fmt: skip
-    subprocess.run(command, env=env, check=True, timeout=phase.seconds + 120, capture_output=True)
-    with open(f"{prefix}_stats.csv", newline="") as handle:
-        rows = {row["Name"]: row for row in csv.DictReader(handle)}
-    phase.accepted, phase.refused = rows.get("accepted", {}), rows.get("refused", {})
-    with open(f"{prefix}_failures.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            phase.failures += int(row["Occurrences"])
-            phase.failure_kinds[row["Error"]] = int(row["Occurrences"])
+def h2load_command(url: str, phase: Phase, body: Path, log: Path, processes: int) -> tuple[list[str], float]:
+    """One h2load process's command line for its share of `phase`, and the request rate it offers (0: closed loop).
+
+    Both open a new connection per request, so capacity is measured under the same per-request costs as
+    the open-loop phases. Closed loop: `clients / processes` clients, each sending again as soon as
+    answered, for `seconds`. Open loop: one request every `--rate-period` milliseconds whatever the
+    server does, so a slow server faces the same arrivals as a fast one.
+    """
+    command = ["h2load", "--h1", "-H", "Content-Type: application/json", "-d", str(body), f"--log-file={log}"]
+    if phase.offered_rps is None:
+        clients = str(max(1, phase.clients // processes))
+        command += ["-H", "Connection: close", "-c", clients, "-D", f"{max(1, round(phase.seconds))}"]
+        rate = 0.0
+    else:
+        period_ms = max(1, round(1000 * processes / phase.offered_rps))  # h2load takes whole milliseconds
+        rate = 1000 / period_ms
+        requests = max(1, round(rate * phase.seconds))
+        command += ["-r", "1", f"--rate-period={period_ms}ms", "-c", str(requests), "-n", str(requests)]
+    return [*command, f"{url}/v1/classify"], rate
+
+
+def run_h2load(url: str, phase: Phase, bodies: list[Path], workdir: Path) -> Phase:
+    """Run `phase` as one h2load process per text, started a little apart; fill `phase` from their logs.
+
+    Each process writes one line per answered request (start, status, microseconds to the end of the
+    answer); requests that got no answer (connection errors, timeouts) come from h2load's summary.
+    """
+    slug = phase.name.replace(" ", "-").replace("%", "pct")
+    processes, rates = [], []
+    for index, body in enumerate(bodies):
+        log = workdir / f"{slug}-{index}.tsv"
+        command, rate = h2load_command(url, phase, body, log, len(bodies))
+        rates.append(rate)
+        processes.append((subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log))
+        if phase.offered_rps:
+            time.sleep(1 / phase.offered_rps)  # spread the processes' arrivals over each period
+    if phase.offered_rps:
+        phase.offered_rps = sum(rates)  # what h2load really offers, its periods being whole milliseconds
+    latencies: dict[int, list[float]] = {}
+    for process, log in processes:
+        output, _ = process.communicate(timeout=phase.seconds + 180)
+        if process.returncode != 0:
+            raise RuntimeError(f"h2load failed ({process.returncode}): {output[-2000:]}")
+        summary = re.search(r"(\d+) errored, (\d+) timeout", output)
+        if summary is None:
+            raise RuntimeError(f"h2load printed no summary: {output[-2000:]}")
+        for line in log.read_text().splitlines():
+            _start, status, micros = line.split("\t")
+            latencies.setdefault(int(status), []).append(int(micros) / 1000)
+        phase.unanswered += int(summary.group(1)) + int(summary.group(2))
+    phase.latencies_ms = latencies
     return phase
 
 
@@ -229,22 +271,21 @@ class MemorySampler:
         self._thread.join()
 
 
+def open_loop(name: str, rps: float, seconds: float) -> Phase:
+    return Phase(name, rps, math.ceil(rps * seconds), seconds)
+
+
+def h2load_version() -> str:
+    output = subprocess.run(["h2load", "--version"], capture_output=True, text=True, check=True).stdout
+    return output.strip().split("\n")[0]
+
+
 def load_average() -> str:
     return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
-def users_for(rps: float, seconds_in_flight: float) -> int:
-    """Users enough that arrivals stay near `rps` although each user waits for its answer (about open loop).
-
-    A user waits for its answer before pacing the next request, so each should send less often than
-    its slow answers take (`seconds_in_flight`), but more often than every 5 s: uvicorn closes idle
-    keep-alive connections after 5 s, and reconnecting costs both sides CPU.
-    """
-    return max(16, math.ceil(rps * min(seconds_in_flight, 4.0)))
-
-
 def measure_server(
-    name: str, code: str, options: dict, args: argparse.Namespace, texts_file: Path, workdir: Path, soak: bool
+    name: str, code: str, options: dict, args: argparse.Namespace, bodies: list[Path], workdir: Path, soak: bool
 ) -> tuple[dict, list[Phase], list[tuple[float, float]], list[str]]:
     """Start one server, run its phases, stop it; return /readyz at start, phases, memory samples, load averages."""
     port = free_port()
@@ -254,25 +295,26 @@ def measure_server(
     phases, memory, loads = [], [], [load_average()]
     try:
         ready = wait_until_ready(process, url, args.startup_timeout_s, log)
-        users = max(8, min(ready["max_queue"], 64))  # closed loop never overfills the queue: pure capacity
-        run_locust(url, Phase("warm-up", None, 4, 5), texts_file, workdir)
-        capacity = run_locust(url, Phase(f"{name} capacity", None, users, args.capacity_s), texts_file, workdir)
+        # closed loop never overfills the queue (pure capacity); one connection or more per text
+        clients = max(len(bodies), min(ready["max_queue"], 64))
+        run_h2load(url, Phase("warm-up", None, len(bodies), 5), bodies, workdir)
+        capacity = run_h2load(url, Phase(f"{name} capacity", None, clients, args.capacity_s), bodies, workdir)
         phases.append(capacity)
         rate = capacity.accepted_rps
-        print(f"{name}: capacity {rate:.1f} req/s with {users} closed-loop users", flush=True)
-        sustained = Phase(f"{name} sustained 80%", 0.8 * rate, users_for(0.8 * rate, 2.0), args.phase_s)
-        phases.append(run_locust(url, sustained, texts_file, workdir))
+        print(f"{name}: capacity {rate:.1f} req/s with {clients} closed-loop connections", flush=True)
+        sustained = run_h2load(url, open_loop(f"{name} sustained 80%", 0.8 * rate, args.phase_s), bodies, workdir)
+        phases.append(sustained)
+        print(f"{name}: sustained p99 {sustained.percentile('accepted', 99):.0f} ms", flush=True)
         loads.append(load_average())
         if soak:
-            overload = Phase(f"{name} overload 200%", 2 * rate, users_for(2 * rate, 3.0), args.phase_s)
+            overload = open_loop(f"{name} overload 200%", 2 * rate, args.phase_s)
             before = refusals_within_50ms(url)
-            phases.append(run_locust(url, overload, texts_file, workdir))
+            phases.append(run_h2load(url, overload, bodies, workdir))
             after = refusals_within_50ms(url)
             overload.server_refusals = (after[0] - before[0], after[1] - before[1])
             loads.append(load_average())
             with MemorySampler(process.pid) as sampler:
-                soaking = Phase(f"{name} soak 80%", 0.8 * rate, users_for(0.8 * rate, 2.0), args.soak_s)
-                phases.append(run_locust(url, soaking, texts_file, workdir))
+                phases.append(run_h2load(url, open_loop(f"{name} soak 80%", 0.8 * rate, args.soak_s), bodies, workdir))
             memory = sampler.samples
             loads.append(load_average())
     finally:
@@ -287,10 +329,10 @@ def fmt(value: float, digits: int = 1) -> str:
 def phase_row(phase: Phase) -> str:
     offered = "closed loop" if phase.offered_rps is None else fmt(phase.offered_rps)
     return (
-        f"| {phase.name} | {offered} | {phase.users} | {phase.seconds:g} | {phase.accepted_count} "
-        f"| {fmt(phase.accepted_rps)} | {fmt(phase.percentile('accepted', '50%'), 0)} "
-        f"| {fmt(phase.percentile('accepted', '99%'), 0)} | {phase.refused_count} "
-        f"| {fmt(phase.percentile('refused', '50%'), 0)} | {fmt(phase.percentile('refused', '99%'), 0)} "
+        f"| {phase.name} | {offered} | {phase.clients} | {phase.seconds:g} | {phase.accepted_count} "
+        f"| {fmt(phase.accepted_rps)} | {fmt(phase.percentile('accepted', 50), 0)} "
+        f"| {fmt(phase.percentile('accepted', 99), 0)} | {phase.refused_count} "
+        f"| {fmt(phase.percentile('refused', 50), 0)} | {fmt(phase.percentile('refused', 99), 0)} "
         f"| {phase.failures} |"
     )
 
@@ -308,7 +350,7 @@ def report(
     by_name = {phase.name.split(" ", 1)[1]: phase for phase in phases}
     sustained, overload = by_name["sustained 80%"], by_name["overload 200%"]
     header = (
-        "| phase | offered req/s | users | s | accepted | accepted req/s | p50 ms | p99 ms "
+        "| phase | offered req/s | connections | s | accepted | accepted req/s | p50 ms | p99 ms "
         "| refused (503) | 503 p50 ms | 503 p99 ms | other errors |"
     )
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -317,15 +359,17 @@ def report(
         "",
         f"Model `{args.model_dir}`; one text per request from {len(REVIEWS)} built-in reviews; server "
         f"max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms:g}, latency target "
-        f"{args.latency_target_ms:g} ms (derived max_queue {ready['max_queue']} texts), torch threads "
-        f"{args.threads or 'default'}; load from Locust {version('locust')} (FastHttpUser, one process) on the "
-        f"same machine, loopback only. {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"{args.latency_target_ms:g} ms ({'given' if args.max_queue else 'derived'} max_queue "
+        f"{ready['max_queue']} texts), torch threads {args.threads or 'default'}; load from {h2load_version()} "
+        "(one process per review, a new connection per request; closed loop for capacity, open loop otherwise) "
+        f"on the same machine, loopback only. {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}.",
         *(["", f"Model note: {args.note}"] if args.note else []),
         "",
         f"**Noisy numbers**: the machine is shared (other jobs ran during the test; load averages 1/5/15 min "
-        f"during the single-process phases: {'; '.join(loads)}), and Locust competes with the server for "
-        "the same cores. Compare rows of this table with each other, not with other machines.",
+        f"during the single-process phases: {'; '.join(loads)}), and the load generator shares the server's cores "
+        "(h2load, written in C, takes little of them). Compare rows of this table with each other, not with "
+        "other machines.",
         "",
         "## Single-process server (`badge serve`)",
         "",
@@ -334,8 +378,8 @@ def report(
         *[phase_row(phase) for phase in phases],
         "",
     ]
-    refused_p99 = overload.percentile("refused", "99%")
-    accepted_p99, sustained_p99 = overload.percentile("accepted", "99%"), sustained.percentile("accepted", "99%")
+    refused_p99 = overload.percentile("refused", 99)
+    accepted_p99, sustained_p99 = overload.percentile("accepted", 99), sustained.percentile("accepted", 99)
     sustained_errors = sustained.failures + sustained.refused_count
     server_total, server_fast = overload.server_refusals or (math.nan, math.nan)
     lines += [
@@ -344,7 +388,7 @@ def report(
         f"- 2x overload, excess refused fast: 503 p99 {fmt(refused_p99, 0)} ms < 50 ms: "
         f"{verdict(overload.refused_count > 0 and refused_p99 < 50)} ({overload.refused_count} refused; "
         f"by the server's own clock {server_fast:.0f} of {server_total:.0f} 503s took at most 50 ms, the rest "
-        "of Locust's time is the client and the CPUs they share).",
+        "of the client's time is the loopback connection and the CPUs they share).",
         f"- 2x overload, accepted requests: p99 {fmt(accepted_p99, 0)} ms < 2 x sustained p99 "
         f"({fmt(2 * sustained_p99, 0)} ms): {verdict(accepted_p99 < 2 * sustained_p99)}; other errors "
         f"{overload.failures}{' ' + json.dumps(overload.failure_kinds) if overload.failure_kinds else ''}.",
@@ -367,7 +411,7 @@ def report(
             "## Ray Serve (`badge serve --ray --replicas N`), same machine",
             "",
             f"Ray's HTTP proxy in front; each replica has {args.threads} torch thread(s) (and reserves as many "
-            "CPUs), its own micro-batcher and derived queue bound. Same Locust phases as above.",
+            "CPUs), its own micro-batcher and derived queue bound. Same h2load phases as above.",
             "",
             header,
             rule,
@@ -384,7 +428,8 @@ def report(
         "",
         "Command: `python benchmarks/loadtest.py "
         + " ".join(sys.argv[1:])
-        + "` (percentiles from Locust's statistics, which round latencies above 100 ms to 10 ms).",
+        + "` (percentiles over every answer's latency in h2load's per-request logs: from sending the request "
+        "to the end of the answer).",
         "",
     ]
     return "\n".join(lines)
@@ -399,6 +444,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--latency-target-ms", type=float, default=500.0)
+    parser.add_argument("--max-queue", type=int, default=None, help="the server's queue bound (default: derived)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of the single-process server and of each Ray replica"
     )
@@ -409,6 +455,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.capacity_s, args.phase_s, args.soak_s, args.max_batch_size) <= 0:
         parser.error("--capacity-s, --phase-s, --soak-s and --max-batch-size must be positive")
+    if shutil.which("h2load") is None:
+        parser.error("h2load is not installed: it comes with the nghttp2-client package (apt install nghttp2-client)")
     if not (args.model_dir / "config.json").is_file():
         parser.error(f"{args.model_dir} is not a saved model folder (no config.json)")
     options = {
@@ -416,19 +464,22 @@ def main() -> None:
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
         "latency_target_ms": args.latency_target_ms,
+        "max_queue": args.max_queue,
     }
     with tempfile.TemporaryDirectory(prefix="badge-loadtest-") as folder:
         workdir = Path(folder)
-        texts_file = workdir / "texts.txt"
-        texts_file.write_text("\n".join(REVIEWS) + "\n", encoding="utf-8")
+        bodies = []
+        for index, review in enumerate(REVIEWS):
+            bodies.append(workdir / f"review-{index}.json")
+            bodies[-1].write_text(json.dumps({"texts": review}), encoding="utf-8")
         single_options = {**options, "log_level": "warning", "threads": args.threads}
-        single = measure_server("single", SERVER_CODE, single_options, args, texts_file, workdir, soak=True)
+        single = measure_server("single", SERVER_CODE, single_options, args, bodies, workdir, soak=True)
         ray_runs = []
         for replicas in args.ray_replicas:
             ray_options = {**options, "replicas": replicas, "threads": args.threads}
             name = f"ray-{replicas}"
             ray_runs.append(
-                (replicas, measure_server(name, RAY_SERVER_CODE, ray_options, args, texts_file, workdir, soak=False))
+                (replicas, measure_server(name, RAY_SERVER_CODE, ray_options, args, bodies, workdir, soak=False))
             )
     text = report(args, single, ray_runs)
     print(text)
