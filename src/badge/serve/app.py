@@ -268,7 +268,8 @@ def create_app(
         policy = resolve_policy(request.policy)
         deadline = asyncio.get_running_loop().time() + request_timeout_s
         try:
-            output = await asyncio.wait_for(batcher.submit(texts, pairs, policy, deadline), request_timeout_s)
+            async with asyncio.timeout(request_timeout_s):  # cancels the wait (and so the job) without a new task
+                output = await batcher.submit(texts, pairs, policy, deadline)
         except Overloaded as error:
             raise HTTPException(503, detail=str(error), headers={"retry-after": str(error.retry_after_s)}) from error
         except BatcherStopped as error:

@@ -133,25 +133,26 @@ class BodyLimitMiddleware:
             return
         # Read the whole body here (it is bounded) so a chunked upload cannot slip past the limit.
         chunks, size, more = [], 0, True
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.body_timeout_s
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), max(give_up - loop.time(), 0))
-            except TimeoutError:
-                detail = f"the request body did not arrive within {self.body_timeout_s:g} s"
-                await JSONResponse({"detail": detail}, status_code=408, headers={"connection": "close"})(
-                    scope, receive, send
-                )
-                return
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                await self._too_large(f"more than {size}", scope, receive, send)
-                return
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):  # one deadline for the whole body, no task per read
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_body_bytes:
+                        break
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            detail = f"the request body did not arrive within {self.body_timeout_s:g} s"
+            await JSONResponse({"detail": detail}, status_code=408, headers={"connection": "close"})(
+                scope, receive, send
+            )
+            return
+        if size > self.max_body_bytes:
+            await self._too_large(f"more than {size}", scope, receive, send)
+            return
         body = b"".join(chunks)
         replayed = False
 
