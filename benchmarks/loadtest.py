@@ -47,6 +47,7 @@ import numpy
 from prometheus_client.parser import text_string_to_metric_families
 
 HOST = "127.0.0.1"
+ANSWER_TIMEOUT_S = 30  # h2load gives up on a connection that shows no activity for this long
 REVIEWS = [
     "A warm, funny film with a great cast.",
     "The plot drags and the jokes fall flat.",
@@ -86,8 +87,9 @@ class Phase:
 
     name: str
     offered_rps: float | None  # None: closed loop
-    clients: int  # closed loop: connections that each send again as soon as answered; open loop: requests
-    seconds: float
+    clients: int  # closed loop: clients that each send again as soon as answered; open loop: requests
+    seconds: float  # closed loop with `requests`: the target, replaced by the span the answers took
+    requests: int | None = None  # closed loop: requests in all, each on a new connection (None: keep-alive, timed)
     latencies_ms: dict[int, list[float]] = field(default_factory=dict)
     unanswered: int = 0  # sent but never answered (connection errors, timeouts, cut off at the end)
     server_refusals: tuple[float, float] | None = None  # (503s, 503s answered within 50 ms), server's own clock
@@ -174,15 +176,21 @@ def wait_until_ready(process: subprocess.Popen, url: str, timeout_s: float, log:
 def h2load_command(url: str, phase: Phase, body: Path, log: Path, processes: int) -> tuple[list[str], float]:
     """One h2load process's command line for its share of `phase`, and the request rate it offers (0: closed loop).
 
-    Both open a new connection per request, so capacity is measured under the same per-request costs as
-    the open-loop phases. Closed loop: `clients / processes` clients, each sending again as soon as
-    answered, for `seconds`. Open loop: one request every `--rate-period` milliseconds whatever the
-    server does, so a slow server faces the same arrivals as a fast one.
+    Closed loop: `clients / processes` clients, each sending again as soon as answered; with `requests`,
+    that many requests in all, each on a new connection (as in the open-loop phases, so capacity pays the
+    same per-request costs), else keep-alive connections for `seconds` (h2load's timed mode can hang
+    when the server closes connections). Open loop: a new connection every `--rate-period` milliseconds
+    whatever the server does, so a slow server faces the same arrivals as a fast one.
     """
     command = ["h2load", "--h1", "-H", "Content-Type: application/json", "-d", str(body), f"--log-file={log}"]
+    command += ["-N", f"{ANSWER_TIMEOUT_S}s"]  # a connection silent this long is cut and counted as a timeout
     if phase.offered_rps is None:
-        clients = str(max(1, phase.clients // processes))
-        command += ["-H", "Connection: close", "-c", clients, "-D", f"{max(1, round(phase.seconds))}"]
+        clients = max(1, phase.clients // processes)
+        if phase.requests is None:
+            command += ["-c", str(clients), "-D", f"{max(1, round(phase.seconds))}"]
+        else:
+            requests = max(clients, round(phase.requests / processes))
+            command += ["-H", "Connection: close", "-c", str(clients), "-n", str(requests)]
         rate = 0.0
     else:
         period_ms = max(1, round(1000 * processes / phase.offered_rps))  # h2load takes whole milliseconds
@@ -210,18 +218,27 @@ def run_h2load(url: str, phase: Phase, bodies: list[Path], workdir: Path) -> Pha
     if phase.offered_rps:
         phase.offered_rps = sum(rates)  # what h2load really offers, its periods being whole milliseconds
     latencies: dict[int, list[float]] = {}
+    first_start, last_end = math.inf, -math.inf
     for process, log in processes:
-        output, _ = process.communicate(timeout=phase.seconds + 180)
+        try:
+            output, _ = process.communicate(timeout=phase.seconds + ANSWER_TIMEOUT_S + 60)
+        except subprocess.TimeoutExpired:
+            for other, _ in processes:
+                other.kill()
+            raise
         if process.returncode != 0:
             raise RuntimeError(f"h2load failed ({process.returncode}): {output[-2000:]}")
         summary = re.search(r"(\d+) errored, (\d+) timeout", output)
         if summary is None:
             raise RuntimeError(f"h2load printed no summary: {output[-2000:]}")
         for line in log.read_text().splitlines():
-            _start, status, micros = line.split("\t")
-            latencies.setdefault(int(status), []).append(int(micros) / 1000)
+            start, status, micros = (int(value) for value in line.split("\t"))
+            latencies.setdefault(status, []).append(micros / 1000)
+            first_start, last_end = min(first_start, start), max(last_end, start + micros)
         phase.unanswered += int(summary.group(1)) + int(summary.group(2))
     phase.latencies_ms = latencies
+    if phase.requests is not None and last_end > first_start:
+        phase.seconds = (last_end - first_start) / 1e6
     return phase
 
 
@@ -295,10 +312,14 @@ def measure_server(
     phases, memory, loads = [], [], [load_average()]
     try:
         ready = wait_until_ready(process, url, args.startup_timeout_s, log)
-        # closed loop never overfills the queue (pure capacity); one connection or more per text
-        clients = max(len(bodies), min(ready["max_queue"], 64))
-        run_h2load(url, Phase("warm-up", None, len(bodies), 5), bodies, workdir)
-        capacity = run_h2load(url, Phase(f"{name} capacity", None, clients, args.capacity_s), bodies, workdir)
+        # closed loop never overfills the queue (pure capacity): one batch running and one waiting, what
+        # the queue holds even while the model is saturated; at least one client per text
+        clients = max(len(bodies), args.max_batch_size + min(ready["max_queue"], args.max_batch_size))
+        warm_up = run_h2load(url, Phase("warm-up", None, len(bodies), 5), bodies, workdir)
+        # as many requests as the warm-up's rate fills `capacity_s` with (keep-alive is a little faster)
+        requests = max(clients, round(warm_up.accepted_rps * args.capacity_s))
+        capacity = Phase(f"{name} capacity", None, clients, args.capacity_s, requests=requests)
+        capacity = run_h2load(url, capacity, bodies, workdir)
         phases.append(capacity)
         rate = capacity.accepted_rps
         print(f"{name}: capacity {rate:.1f} req/s with {clients} closed-loop connections", flush=True)
@@ -329,7 +350,7 @@ def fmt(value: float, digits: int = 1) -> str:
 def phase_row(phase: Phase) -> str:
     offered = "closed loop" if phase.offered_rps is None else fmt(phase.offered_rps)
     return (
-        f"| {phase.name} | {offered} | {phase.clients} | {phase.seconds:g} | {phase.accepted_count} "
+        f"| {phase.name} | {offered} | {phase.clients} | {phase.seconds:.1f} | {phase.accepted_count} "
         f"| {fmt(phase.accepted_rps)} | {fmt(phase.percentile('accepted', 50), 0)} "
         f"| {fmt(phase.percentile('accepted', 99), 0)} | {phase.refused_count} "
         f"| {fmt(phase.percentile('refused', 50), 0)} | {fmt(phase.percentile('refused', 99), 0)} "
@@ -344,7 +365,7 @@ def verdict(ok: bool) -> str:
 def report(
     args: argparse.Namespace,
     single: tuple[dict, list[Phase], list[tuple[float, float]], list[str]],
-    ray_runs: list[tuple[int, tuple]],
+    ray_runs: list[tuple[int, tuple | str]],
 ) -> str:
     ready, phases, memory, loads = single
     by_name = {phase.name.split(" ", 1)[1]: phase for phase in phases}
@@ -416,10 +437,15 @@ def report(
             header,
             rule,
         ]
-        for _, (_, ray_phases, _, _) in ray_runs:
-            lines += [phase_row(phase) for phase in ray_phases]
+        for _, outcome in ray_runs:
+            if not isinstance(outcome, str):
+                lines += [phase_row(phase) for phase in outcome[1]]
         lines.append("")
-        for replicas, (ready_ray, _, _, ray_loads) in ray_runs:
+        for replicas, outcome in ray_runs:
+            if isinstance(outcome, str):
+                lines.append(f"- {replicas} replica(s): **the run failed**: {outcome}")
+                continue
+            ready_ray, _, _, ray_loads = outcome
             lines.append(
                 f"- {replicas} replica(s): max_queue per replica {ready_ray['max_queue']}; load averages "
                 f"{'; '.join(ray_loads)}."
@@ -474,14 +500,21 @@ def main() -> None:
             bodies[-1].write_text(json.dumps({"texts": review}), encoding="utf-8")
         single_options = {**options, "log_level": "warning", "threads": args.threads}
         single = measure_server("single", SERVER_CODE, single_options, args, bodies, workdir, soak=True)
+        write_report(args, report(args, single, []))  # kept if a Ray run below breaks
         ray_runs = []
         for replicas in args.ray_replicas:
             ray_options = {**options, "replicas": replicas, "threads": args.threads}
             name = f"ray-{replicas}"
-            ray_runs.append(
-                (replicas, measure_server(name, RAY_SERVER_CODE, ray_options, args, bodies, workdir, soak=False))
-            )
-    text = report(args, single, ray_runs)
+            try:
+                outcome = measure_server(name, RAY_SERVER_CODE, ray_options, args, bodies, workdir, soak=False)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                print(f"{name} failed: {error}", file=sys.stderr, flush=True)
+                outcome = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            ray_runs.append((replicas, outcome))
+    write_report(args, report(args, single, ray_runs))
+
+
+def write_report(args: argparse.Namespace, text: str) -> None:
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
