@@ -96,18 +96,19 @@ class Run:
 
 def plan_runs(plan: dict) -> list[Run]:
     """The plan's runs in the order they are trained: the main comparison first (it decides the defaults), one seed
-    on every dataset before the next seed (so an interrupted plan has seen every dataset), then MPNet, then the
-    ablation on the first dataset (it explains the result)."""
+    on every dataset before the next seed (so an interrupted plan has seen every dataset), MPNet after the first
+    seed (its claim needs one run), then the ablation on the first dataset (it explains the result)."""
+    mpnet = plan["mpnet"]
+    mpnet_runs = [
+        Run(mpnet["dataset"], "mpnet", DEFAULT_SCHEME, seed, mpnet["train_samples"], mpnet["epochs"])
+        for seed in (mpnet["seeds"] if mpnet else [])
+    ]
     runs = []
-    for seed in plan["seeds"]:
+    for index, seed in enumerate(plan["seeds"]):
         for dataset in plan["datasets"]:
             runs += [Run(dataset, "minilm", s, seed, plan["train_samples"], plan["epochs"]) for s in plan["schemes"]]
-    if plan["mpnet"]:
-        mpnet = plan["mpnet"]
-        runs += [
-            Run(mpnet["dataset"], "mpnet", DEFAULT_SCHEME, seed, mpnet["train_samples"], mpnet["epochs"])
-            for seed in mpnet["seeds"]
-        ]
+        if index == 0:
+            runs += mpnet_runs
     for seed in plan["seeds"]:
         runs += [
             Run(plan["datasets"][0], "minilm", s, seed, plan["train_samples"], plan["epochs"]) for s in plan["ablation"]
