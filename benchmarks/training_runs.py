@@ -17,7 +17,7 @@ from badge.comparison import BOOTSTRAP_RESAMPLES, SplitLogits
 from badge.data import default_cache_dir, load_named_dataset, sample
 from badge.encoders import minilm_l6_dir, mpnet_base_dir
 from badge.logits import split_logits
-from badge.training import TrainingArguments, scheme_model_options, train
+from badge.training import DEFAULT_SCHEME, TrainingArguments, scheme_model_options, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,8 +32,6 @@ SCHEMES = {
     "bb2": ("bb2", {}),
     "bb2_distill": ("bb2_distill", {}),
 }
-# The candidate for the new default: the best of the pilots (bypasses on tokens, depth damper, distillation).
-DEFAULT_SCHEME = "bb2_distill"
 DEFAULT_RULE = "entropy"  # what `badge calibrate` uses
 BASELINE_RULES = ("entropy", "maxprob", "pcee", "patience", "static")
 MAX_LENGTH = {"rotten-tomatoes": 64, "reuters-r8": 128, "tweet-sentiment": 64}

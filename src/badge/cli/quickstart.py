@@ -14,7 +14,7 @@ from badge.config import TASKS
 from badge.data import sample
 from badge.encoders import EncoderNotInstalled, minilm_l6_dir
 from badge.modeling import MultiExitModel
-from badge.training import TrainingArguments
+from badge.training import DEFAULT_SCHEME, TrainingArguments
 from badge.workflows import console, load_data, run_training
 
 QUICKSTART_DATASET = "rotten-tomatoes"
@@ -50,13 +50,13 @@ def quickstart_command(
     seed: Annotated[int, typer.Option(help="seed of sampling, shuffling and initialisation")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in OUTPUT, replacing its run")] = False,
 ) -> None:
-    """Train the embedded default: MiniLM-L6 with block-wise bypasses on rotten-tomatoes reviews."""
+    """Train the embedded default: MiniLM-L6 with v2 block-wise bypasses and self-distilled exits on rotten-tomatoes."""
     refuse_run_folder(output, False, overwrite)
     encoder = quickstart_encoder()
     splits = load_data(QUICKSTART_DATASET, None, None, None, "text", None, "label", TASKS[0], 0)
     splits["train"] = sample(splits["train"], max_train_samples, seed)
     options = {**QUICKSTART_OPTIONS, "epochs": epochs}
-    args = TrainingArguments(output_dir=str(output), scheme="bb", seed=seed, overwrite=overwrite, **options)
+    args = TrainingArguments(output_dir=str(output), scheme=DEFAULT_SCHEME, seed=seed, overwrite=overwrite, **options)
     best = run_training(encoder, splits, args, {})
     console.print(
         f"choosing the exit policy ({QUICKSTART_RULE}, at most {QUICKSTART_MAX_DROP} points below the full model)"

@@ -25,10 +25,11 @@ from badge.cli.common import (
 from badge.config import TASKS
 from badge.data import sample
 from badge.encoders import ENCODERS, resolve_encoder
-from badge.training import SCHEMES, TrainingArguments, scheme_model_options
+from badge.training import DEFAULT_SCHEME, SCHEMES, TrainingArguments, scheme_model_options
 from badge.workflows import load_data, run_training
 
 Scheme = Enum("Scheme", {name: name for name in SCHEMES}, type=str)
+DEFAULT = Scheme(DEFAULT_SCHEME)
 
 
 Task = Enum("Task", {name: name for name in TASKS}, type=str)
@@ -60,7 +61,7 @@ def train_command(
     text_pair_column: PairColumn = None,
     label_column: LabelColumn = "label",
     task: Annotated[Task, typer.Option(help="what the labels are")] = Task.single_label_classification,
-    scheme: Annotated[Scheme, typer.Option(help="training scheme")] = Scheme.bb,
+    scheme: Annotated[Scheme, typer.Option(help="training scheme")] = DEFAULT,
     epochs: Annotated[float, typer.Option(help="passes over the training data")] = 2.0,
     batch_size: Annotated[int, typer.Option(help="examples per step (per process)")] = 16,
     encoder_lr: Annotated[float, typer.Option(help="learning rate of the encoder")] = 5e-5,
