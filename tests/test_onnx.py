@@ -17,6 +17,7 @@ from badge.gate import fit_gate
 from badge.onnx_engine import OnnxEarlyExitEngine, OnnxMultiExitModel, export_onnx, load_engine
 from badge.pruning import prune_heads
 from badge.quantize import quantize_torch
+from badge.training import DEFAULT_SCHEME, scheme_model_options
 
 POLICY = {"rule": "dge", "tau": 0.05}
 
@@ -225,3 +226,25 @@ def test_a_single_row_runs_its_own_lean_graph_with_the_same_answers(exported, in
         assert layers.tolist() == expected_layers.tolist()
         torch.testing.assert_close(logits, torch.from_numpy(expected_logits), atol=1e-5, rtol=0)
     assert len({layers.item() for _, layers in by_one}) > 1  # the rows leave at different exits
+
+
+@pytest.mark.parametrize("graph", ["one", "layers"])
+def test_the_default_v2_model_exports_and_answers_as_the_pytorch_engine(tiny_encoder, inputs, tmp_path, graph) -> None:
+    """The default scheme's bypass adapter runs on every token before pooling: the export must carry it."""
+    torch.manual_seed(0)
+    options = scheme_model_options(DEFAULT_SCHEME)
+    assert options["bypass_input"] == "tokens"
+    v2 = spread_exits(
+        MultiExitModel.from_encoder(
+            tiny_encoder, label_names=["negative", "neutral", "positive"], exit_layers=[1, 3], **options
+        )
+    )
+    policy = ExitPolicy(**POLICY)
+    exported = export_onnx(v2, tmp_path / "export")
+    onnx_engine = OnnxEarlyExitEngine(exported, policy, batch_size=16, graph=graph)
+    expected = EarlyExitEngine(v2, policy, batch_size=16).run(*inputs)
+    answered = onnx_engine.run(*inputs)
+    assert answered.labels == expected.labels
+    assert torch.equal(answered.exit_layers, expected.exit_layers)
+    assert len(set(expected.exit_layers.tolist())) > 1, "the rule must send rows to different exits"
+    torch.testing.assert_close(answered.probs, expected.probs, atol=1e-4, rtol=0)
