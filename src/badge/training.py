@@ -55,7 +55,8 @@ SCHEMES = {
 }
 # What `badge train` and the quickstart use: the best measured in benchmarks/RESULTS.md. Over plain joint
 # training its mean accuracy over exits was +0.86 [+0.00, +1.58] on rotten-tomatoes (2 seeds) and +1.01
-# [+0.62, +1.37] on tweet-sentiment (1 seed), final exit within 0.2 of joint; v1 `bb` was 0.84 below joint.
+# [+0.62, +1.37] on tweet-sentiment and +0.34 [+0.18, +0.55] on reuters-r8 (1 seed each), final exit within 0.2
+# of joint; v1 `bb` was 0.84 below joint.
 DEFAULT_SCHEME = "bb2_distill"
 # Self-distillation settings the *_distill schemes start from (any can be overridden per run).
 DISTILL_OPTIONS: dict[str, Any] = {"distill_weight": 0.5, "distill_temperature": 2.0}
