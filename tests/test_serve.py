@@ -7,7 +7,7 @@ import gc
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from unittest.mock import ANY
@@ -102,6 +102,24 @@ def metric(http: httpx.Client, sample_name: str, **labels: str) -> float:
             if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+def slow_constant_model(
+    seconds: float, label: int = 0, calls: list[list[str]] | None = None
+) -> Callable[[ExitPolicy, list[str], list[str] | None], EngineOutput]:
+    """A stand-in for the engine behind a `MicroBatcher`: every call takes `seconds` and answers `label` for every
+    text (probabilities 0.5, exit layer 1); each call's texts are appended to `calls` when given."""
+
+    def classify(policy: ExitPolicy, texts: list[str], text_pairs: list[str] | None) -> EngineOutput:
+        if calls is not None:
+            calls.append(list(texts))
+        time.sleep(seconds)
+        n = len(texts)
+        return EngineOutput(
+            labels=[label] * n, probs=torch.ones(n, 2) / 2, exit_layers=torch.ones(n), logits=torch.zeros(n, 2)
+        )
+
+    return classify
 
 
 def break_on_poison(model: MultiExitModel, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,13 +387,7 @@ def test_a_job_whose_deadline_passed_is_dropped_before_the_model_and_not_batched
     calls: list[list[str]] = []
     dropped: list[int] = []
 
-    def classify(policy: ExitPolicy, texts: list[str], text_pairs: list[str] | None) -> EngineOutput:
-        calls.append(list(texts))
-        time.sleep(0.3)
-        n = len(texts)
-        return EngineOutput(
-            labels=[0] * n, probs=torch.ones(n, 2) / 2, exit_layers=torch.ones(n), logits=torch.zeros(n, 2)
-        )
+    classify = slow_constant_model(0.3, calls=calls)
 
     async def scenario() -> list:
         batcher = MicroBatcher(classify, max_batch_size=8, max_wait_ms=0, on_drop=dropped.append)
@@ -457,12 +469,7 @@ def test_shutdown_finishes_the_accepted_requests_then_refuses_connections(
 
 
 def test_stopping_the_batcher_finishes_the_jobs_it_accepted() -> None:
-    def classify(policy: ExitPolicy, texts: list[str], text_pairs: list[str] | None) -> EngineOutput:
-        time.sleep(0.1)
-        n = len(texts)
-        return EngineOutput(
-            labels=[1] * n, probs=torch.ones(n, 2) / 2, exit_layers=torch.ones(n), logits=torch.zeros(n, 2)
-        )
+    classify = slow_constant_model(0.1, label=1)
 
     async def scenario() -> tuple[list, Exception]:
         batcher = MicroBatcher(classify, max_batch_size=1, max_wait_ms=0)
@@ -533,12 +540,7 @@ def test_the_warm_heap_is_frozen_while_serving_and_handed_back_at_shutdown(model
 
 
 def test_a_saturated_model_holds_its_queue_to_one_batch_while_bursts_may_fill_max_queue() -> None:
-    def classify(policy: ExitPolicy, texts: list[str], text_pairs: list[str] | None) -> EngineOutput:
-        time.sleep(0.25)
-        n = len(texts)
-        return EngineOutput(
-            labels=[0] * n, probs=torch.ones(n, 2) / 2, exit_layers=torch.ones(n), logits=torch.zeros(n, 2)
-        )
+    classify = slow_constant_model(0.25)
 
     burst_size = 2 * SATURATED_AFTER + 2  # full batches of 2 texts enough to saturate, and 2 texts still waiting
 
