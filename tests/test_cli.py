@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from badge import MultiExitModel
 from badge.cli import app
+from badge.cli.evaluate import calibrate_rule_for
 
 runner = CliRunner()
 
@@ -180,12 +181,12 @@ def test_calibrate_stores_the_policy_in_the_model_folder(trained, review_files, 
     assert MultiExitModel.from_pretrained(copy).config.exit_policy == stored
 
 
-def test_calibrate_fits_the_gate_on_validation_and_stores_it_as_readable_json(trained, review_files, tmp_path) -> None:
+def test_calibrate_fits_the_gate_by_default_and_stores_it_as_readable_json(trained, review_files, tmp_path) -> None:
     best, _ = trained
     copy = tmp_path / "model"
     MultiExitModel.from_pretrained(best).save_pretrained(copy)
     files = ["--validation", str(review_files["validation"]), "--test", str(review_files["test"])]
-    result = runner.invoke(app, ["calibrate", str(copy), "--rule", "gate", "--max-drop", "2", *files])
+    result = runner.invoke(app, ["calibrate", str(copy), "--max-drop", "2", *files])  # no --rule: the gate
     assert result.exit_code == 0, result.output
     stored = json.loads((copy / "exit_policy.json").read_text())
     assert stored["rule"] == "gate" and len(stored["gate"]["weights"]) == 3  # one per exit before the last
@@ -194,6 +195,18 @@ def test_calibrate_fits_the_gate_on_validation_and_stores_it_as_readable_json(tr
     result = runner.invoke(app, ["predict", str(copy), str(source), str(tmp_path / "out.csv")])
     assert result.exit_code == 0, result.output
     assert "policy gate(tau=" in result.output
+
+
+@pytest.mark.parametrize(
+    ("task", "rule"),
+    [
+        ("single_label_classification", "gate"),
+        ("multi_label_classification", "entropy"),  # the gate reads one class distribution per text
+        ("regression", "dge"),  # no class probabilities for entropy either
+    ],
+)
+def test_calibrate_falls_back_to_a_rule_the_task_allows(task: str, rule: str) -> None:
+    assert calibrate_rule_for(task) == rule
 
 
 def test_predict_streams_a_file_and_keeps_rows_with_empty_text(trained, tmp_path) -> None:
