@@ -188,6 +188,7 @@ def test_calibrate_fits_the_gate_by_default_and_stores_it_as_readable_json(train
     files = ["--validation", str(review_files["validation"]), "--test", str(review_files["test"])]
     result = runner.invoke(app, ["calibrate", str(copy), "--max-drop", "2", *files])  # no --rule: the gate
     assert result.exit_code == 0, result.output
+    assert "stored exit policy gate(tau=" in result.output and "'weights':" not in result.output  # a summary
     stored = json.loads((copy / "exit_policy.json").read_text())
     assert stored["rule"] == "gate" and len(stored["gate"]["weights"]) == 3  # one per exit before the last
     source = tmp_path / "in.csv"

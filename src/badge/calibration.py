@@ -101,7 +101,7 @@ def calibrate_and_store(
         drop = swept.full_metric - chosen.metric
         margin = f"drop {drop:.2f} (no upper bound: {swept.metric_name} is not a mean over texts)"
     console.print(
-        f"chosen on {tuning[1]}: {chosen.curve} {chosen.policy} gives {swept.metric_name} {chosen.metric:.2f} "
+        f"chosen on {tuning[1]}: {ExitPolicy.from_dict(chosen.policy)} gives {swept.metric_name} {chosen.metric:.2f} "
         f"(full model {swept.full_metric:.2f}, {margin}) at {chosen.layer_speedup:.2f}x layer speedup"
     )
     if held_out is not None:
@@ -118,5 +118,5 @@ def calibrate_and_store(
             model = MultiExitModel.from_pretrained(model_dir)
         model.config.exit_policy = chosen.policy
         model.save_pretrained(model_dir)
-        console.print(f"[green]stored[/] exit policy {chosen.policy} in {model_dir}")
+        console.print(f"[green]stored[/] exit policy {ExitPolicy.from_dict(chosen.policy)} in {model_dir}")
     return chosen
