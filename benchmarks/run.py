@@ -285,16 +285,18 @@ def build_results(plan_name: str, plan: dict, runs_dir: Path) -> dict:
     if mpnet_runs:
         section, _ = rules_section(runs_dir, mpnet_runs, plan["resamples"])
         results["rules"][f"MPNet-12 on {mpnet_runs[0].dataset}"] = section
+        for label, entry in section["default_vs_best_baseline"].items():
+            results["comparisons"].append(rule_entry(mpnet_runs[0].dataset, label, entry, "MPNet-12"))
     return results
 
 
-def rule_entry(dataset: str, label: str, entry: dict) -> dict:
+def rule_entry(dataset: str, label: str, entry: dict, backbone: str = "MiniLM-L6") -> dict:
     """One `comparisons` row: the default rule against the strongest baseline at speedup `label` ("2x")."""
     _, low, high = entry["difference"]
     return {
         "what": "rule",
         "dataset": dataset,
-        "backbone": "MiniLM-L6",
+        "backbone": backbone,
         "speedup": float(label[:-1]),
         "a": entry["a"],
         "b": entry["b"],
@@ -409,14 +411,14 @@ def write_report(results: dict, out: Path) -> None:
             )
     lines += ["", "## Comparisons (results.json `comparisons`)", ""]
     lines += [
-        "| what | dataset | speedup | a | b | a | b | interval of a - b | held |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| what | dataset | backbone | speedup | a | b | a | b | interval of a - b | held |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["comparisons"]:
         low, high = c["diff_interval"]
         lines.append(
-            f"| {c['what']} | {c['dataset']} | {fmt(c['speedup'], 1)} | {c['a']} | {c['b']} | {c['a_metric']:.2f} "
-            f"| {c['b_metric']:.2f} | [{low:+.2f}, {high:+.2f}] | {'yes' if low > 0 else 'no'} |"
+            f"| {c['what']} | {c['dataset']} | {c['backbone']} | {fmt(c['speedup'], 1)} | {c['a']} | {c['b']} "
+            f"| {c['a_metric']:.2f} | {c['b_metric']:.2f} | [{low:+.2f}, {high:+.2f}] | {'yes' if low > 0 else 'no'} |"
         )
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 

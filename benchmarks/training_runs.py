@@ -32,7 +32,7 @@ SCHEMES = {
     "bb2": ("bb2", {}),
     "bb2_distill": ("bb2_distill", {}),
 }
-DEFAULT_RULE = "gate"  # what `badge calibrate` uses (badge.cli.evaluate.CALIBRATE_RULE)
+DEFAULT_RULE = "entropy"  # what `badge calibrate` uses (badge.cli.evaluate.CALIBRATE_RULE)
 BASELINE_RULES = ("entropy", "maxprob", "pcee", "patience", "static")
 MAX_LENGTH = {"rotten-tomatoes": 64, "reuters-r8": 128, "tweet-sentiment": 64}
 # Seconds per training step at batch 16 on 2 CPU cores, by (backbone, max length): for the plan's time estimate.

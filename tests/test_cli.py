@@ -181,12 +181,12 @@ def test_calibrate_stores_the_policy_in_the_model_folder(trained, review_files, 
     assert MultiExitModel.from_pretrained(copy).config.exit_policy == stored
 
 
-def test_calibrate_fits_the_gate_by_default_and_stores_it_as_readable_json(trained, review_files, tmp_path) -> None:
+def test_calibrate_fits_the_gate_on_validation_and_stores_it_as_readable_json(trained, review_files, tmp_path) -> None:
     best, _ = trained
     copy = tmp_path / "model"
     MultiExitModel.from_pretrained(best).save_pretrained(copy)
     files = ["--validation", str(review_files["validation"]), "--test", str(review_files["test"])]
-    result = runner.invoke(app, ["calibrate", str(copy), "--max-drop", "2", *files])  # no --rule: the gate
+    result = runner.invoke(app, ["calibrate", str(copy), "--rule", "gate", "--max-drop", "2", *files])
     assert result.exit_code == 0, result.output
     assert "stored exit policy gate(tau=" in result.output and "'weights':" not in result.output  # a summary
     stored = json.loads((copy / "exit_policy.json").read_text())
@@ -201,9 +201,9 @@ def test_calibrate_fits_the_gate_by_default_and_stores_it_as_readable_json(train
 @pytest.mark.parametrize(
     ("task", "rule"),
     [
-        ("single_label_classification", "gate"),
-        ("multi_label_classification", "entropy"),  # the gate reads one class distribution per text
-        ("regression", "dge"),  # no class probabilities for entropy either
+        ("single_label_classification", "entropy"),
+        ("multi_label_classification", "entropy"),  # the least sure label's entropy
+        ("regression", "dge"),  # no class probabilities for entropy
     ],
 )
 def test_calibrate_falls_back_to_a_rule_the_task_allows(task: str, rule: str) -> None:
