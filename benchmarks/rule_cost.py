@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from speed import add_sample_options, load_timed_model, sampled_inputs
 
 from badge import EarlyExitEngine, ExitPolicy, MultiExitModel
-from badge.data import load_named_dataset
 from badge.device import synchronize
-from badge.logits import encode_padded
 
 # Settings under which no text leaves before the last exit: entropy below 0, a probability above 1,
 # a divergence below 0, a gate probability above 1.
@@ -48,27 +47,15 @@ def never_early_policies(model: MultiExitModel) -> dict[str, ExitPolicy]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model_dir", type=Path, help="a model folder; its stored gate is timed when it has one")
-    parser.add_argument("--dataset", default="rotten-tomatoes")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--samples", type=int, default=512, help="examples timed (a seeded sample of the split)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample of texts timed")
+    parser.add_argument("model_dir", type=Path, help="a model folder that stores a gate")
+    add_sample_options(parser, repeats=7, max_length=64)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/RULE-COST.md"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = MultiExitModel.from_pretrained(args.model_dir).eval()
+    model = load_timed_model(args)
     policies = never_early_policies(model)
     if "gate" not in policies:
-        parser.error(f"{args.model_dir} stores no gate: run `badge calibrate` on it first (the gate is the default)")
-    dataset = load_named_dataset(args.dataset, split_seed=0)[args.split]
-    inputs, _ = encode_padded(dataset, model.tokenizer, args.max_length)
-    sample = torch.randperm(len(inputs["input_ids"]), generator=torch.Generator().manual_seed(args.seed))
-    inputs = {key: value[sample[: args.samples]] for key, value in inputs.items()}
+        parser.error(f"{args.model_dir} stores no gate: run `badge calibrate {args.model_dir} --rule gate` first")
+    inputs, _ = sampled_inputs(model, args)
 
     rows = []
     for batch_size in args.batch_sizes:

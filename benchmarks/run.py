@@ -215,6 +215,12 @@ def _mean_value(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.mean(values)
 
 
+def pooled_side(sides_by_dataset: dict[str, dict], label: str, side: int, seeds: int) -> list[Scorer]:
+    """Per seed, one side's per-text scores at `label` (0 default rule, 1 baseline, 3 full model), datasets joined."""
+    datasets = sides_by_dataset.values()
+    return [per_text(torch.cat([sides[label][side][i].per_text for sides in datasets])) for i in range(seeds)]
+
+
 def pooled(sides_by_dataset: dict[str, dict], resamples: int) -> dict:
     """Default rule vs each dataset's strongest baseline, every dataset's test texts pooled, per target, over the
     seeds every dataset has so far (seed i of one dataset pooled with seed i of the others)."""
@@ -222,9 +228,7 @@ def pooled(sides_by_dataset: dict[str, dict], resamples: int) -> dict:
     labels = set.intersection(*(set(sides) for sides in sides_by_dataset.values())) if sides_by_dataset else set()
     for label in sorted(labels):
         seeds = min(len(sides[label][0]) for sides in sides_by_dataset.values())
-        a = [per_text(torch.cat([s[label][0][i].per_text for s in sides_by_dataset.values()])) for i in range(seeds)]
-        b = [per_text(torch.cat([s[label][1][i].per_text for s in sides_by_dataset.values()])) for i in range(seeds)]
-        full = [per_text(torch.cat([s[label][3][i].per_text for s in sides_by_dataset.values()])) for i in range(seeds)]
+        a, b, full = (pooled_side(sides_by_dataset, label, side, seeds) for side in (0, 1, 3))
         out[label] = {
             "a": DEFAULT_RULE,
             "b": "best baseline per dataset",

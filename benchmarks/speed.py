@@ -24,22 +24,42 @@ from badge.timing import time_policy
 from badge.workflows import UsageError, policy_from_options
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model_dir", type=Path)
+def add_sample_options(parser: argparse.ArgumentParser, repeats: int, max_length: int) -> None:
+    """The options of a timing benchmark that say which texts run, how often and on how many threads."""
     parser.add_argument("--dataset", default="rotten-tomatoes")
     parser.add_argument("--split", default="test")
     parser.add_argument("--samples", type=int, default=512, help="examples timed (a seeded sample of the split)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=max_length)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample of texts timed")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the dataset split (the model's own)")
+
+
+def load_timed_model(args: argparse.Namespace) -> MultiExitModel:
+    """Set torch's threads (`--threads`) and load `args.model_dir` for inference."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return MultiExitModel.from_pretrained(args.model_dir).eval()
+
+
+def sampled_inputs(model: MultiExitModel, args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The seeded sample of `--samples` texts of the split (`add_sample_options`), padded, with their labels."""
+    dataset = load_named_dataset(args.dataset, split_seed=args.split_seed)[args.split]
+    inputs, labels = encode_padded(dataset, model.tokenizer, args.max_length)
+    sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
+    return {key: value[sample] for key, value in inputs.items()}, labels[sample]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    add_sample_options(parser, repeats=5, max_length=128)
     parser.add_argument("--rule", default=None, help="override the stored exit policy's rule")
     parser.add_argument("--tau", type=float, default=None, help="threshold of --rule")
     parser.add_argument("--patience", type=int, default=None, help="patience of --rule")
     parser.add_argument("--divergence", default=None, help="divergence of --rule dge")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample of texts timed")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the dataset split (the model's own)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/SPEED.md"))
     args = parser.parse_args()
     try:  # the same checks as `badge predict --rule`: no --tau without --rule, no oracle
@@ -47,15 +67,9 @@ def main() -> None:
     except UsageError as error:
         parser.error(str(error))
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = MultiExitModel.from_pretrained(args.model_dir).eval()
+    model = load_timed_model(args)
     policy = override or ExitPolicy.from_dict(model.config.exit_policy)
-    dataset = load_named_dataset(args.dataset, split_seed=args.split_seed)[args.split]
-    inputs, labels = encode_padded(dataset, model.tokenizer, args.max_length)
-    sample = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))[: args.samples]
-    inputs = {key: value[sample] for key, value in inputs.items()}
-    labels = labels[sample]
+    inputs, labels = sampled_inputs(model, args)
 
     full = EarlyExitEngine(model, ExitPolicy("full"), batch_size=64).run(**inputs)
     early = EarlyExitEngine(model, policy, batch_size=64).run(**inputs)
