@@ -3,6 +3,7 @@
     python benchmarks/run.py --plan v2                # the full plan: many hours on 2 CPU cores, resumable
     python benchmarks/run.py --plan v2 --report-only  # rewrite RESULTS.md from the runs finished so far
     python benchmarks/run.py --plan smoke             # the pipeline end to end in minutes (numbers mean nothing)
+    python benchmarks/run.py --only 'rotten-tomatoes-*-s2'  # train only the plan's runs whose name matches
 
 Every number is on the test split; every setting is chosen on the validation split, never on test.
 1. Training: each scheme's per-exit accuracy, mean over exits and final exit, over several seeds, with paired
@@ -21,6 +22,7 @@ an interrupted run resumes from its checkpoint. Delete a run's folder to train i
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import statistics
 import sys
@@ -432,6 +434,13 @@ def main() -> None:
     parser.add_argument("--plan", choices=sorted(PLANS), default="v2")
     parser.add_argument("--report-only", action="store_true", help="write the report from finished runs only")
     parser.add_argument("--runs-dir", type=Path, help="where finished runs are kept (default benchmarks/runs)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="train only the plan's runs whose name matches this shell pattern (repeatable; the report still "
+        "covers every finished run)",
+    )
     args = parser.parse_args()
     plan = PLANS[args.plan]
     out = HERE if args.plan != "smoke" else HERE / "out-smoke"  # smoke numbers never reach RESULTS.md
@@ -440,9 +449,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(plan)
     todo = [r for r in runs if not finished(runs_dir, r)]
+    if args.only:
+        names = [r.name for r in runs]
+        unmatched = [p for p in args.only if not fnmatch.filter(names, p)]
+        if unmatched:
+            parser.error(f"--only {unmatched[0]!r} matches none of the plan's runs, such as {names[0]!r}")
+        todo = [r for r in todo if any(fnmatch.fnmatchcase(r.name, p) for p in args.only)]
     hours = sum(r.expected_seconds() for r in todo) / 3600
     print(
-        f"plan {args.plan}: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to train "
+        f"plan {args.plan}: {len(runs)} runs, {sum(finished(runs_dir, r) for r in runs)} finished, {len(todo)} to train "
         f"(about {hours:.1f} h on 2 CPU cores)",
         flush=True,
     )
