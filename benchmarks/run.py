@@ -456,8 +456,9 @@ def main() -> None:
             parser.error(f"--only {unmatched[0]!r} matches none of the plan's runs, such as {names[0]!r}")
         todo = [r for r in todo if any(fnmatch.fnmatchcase(r.name, p) for p in args.only)]
     hours = sum(r.expected_seconds() for r in todo) / 3600
+    done = sum(finished(runs_dir, r) for r in runs)
     print(
-        f"plan {args.plan}: {len(runs)} runs, {sum(finished(runs_dir, r) for r in runs)} finished, {len(todo)} to train "
+        f"plan {args.plan}: {len(runs)} runs, {done} finished, {len(todo)} to train "
         f"(about {hours:.1f} h on 2 CPU cores)",
         flush=True,
     )
