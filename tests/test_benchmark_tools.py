@@ -1,0 +1,38 @@
+"""The benchmark scripts' own logic: choosing runs to train and reading rule curves (no training here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+rule_dev = pytest.importorskip("rule_dev")
+
+
+def test_run_refuses_an_only_pattern_that_matches_no_run() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--only", "no-such-run-*", "--report-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--only 'no-such-run-*' matches none of the plan's runs" in done.stderr
+
+
+def test_hull_mixes_two_settings_and_says_when_a_speedup_is_out_of_reach() -> None:
+    points = [(6.0, 80.0), (3.0, 78.0), (2.0, 70.0), (4.0, 70.0)]  # (mean exit layer, accuracy)
+    assert rule_dev.hull_at(points, 4.0) == pytest.approx(78.0 + 2.0 / 3.0)  # mix of 3.0 and 6.0, not the 4.0 point
+    assert rule_dev.hull_at(points, 3.0) == 78.0
+    assert rule_dev.hull_at(points, 1.5) is None  # faster than any setting
+
+
+def test_first_exit_is_the_first_exit_that_leaves_else_the_last() -> None:
+    leave = torch.tensor([[False, True], [True, True], [False, False]])
+    assert rule_dev.first_exit(leave).tolist() == [1, 0, 2]
