@@ -31,6 +31,8 @@ SCHEMES = {
     "bb_distill": ("bb_distill", {}),
     "bb2": ("bb2", {}),
     "bb2_distill": ("bb2_distill", {}),
+    # the default with v1's constant damper: separates how the damper scales with depth
+    "bb2_distill_flat": ("bb2_distill", {"gamma_schedule": "constant"}),
 }
 DEFAULT_RULE = "entropy"  # what `badge calibrate` uses (badge.cli.evaluate.CALIBRATE_RULE)
 BASELINE_RULES = ("entropy", "maxprob", "pcee", "patience", "static")
@@ -56,7 +58,7 @@ PLANS = {
         "seeds": [0, 1, 2],
         "schemes": [DEFAULT_SCHEME, "joint", "single_exit"],
         # each ingredient alone, on the first dataset, after the main comparison and MPNet
-        "ablation": ["bb", "bb2", "distill", "bb_distill"],
+        "ablation": ["bb", "bb2", "distill", "bb_distill", "bb2_distill_flat"],
         "train_samples": 6000,
         "epochs": 3.0,
         "mpnet": {"dataset": "rotten-tomatoes", "seeds": [0], "train_samples": 6000, "epochs": 2.0},
