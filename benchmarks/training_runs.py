@@ -58,7 +58,7 @@ PLANS = {
         "seeds": [0, 1, 2],
         "schemes": [DEFAULT_SCHEME, "joint", "single_exit"],
         # each ingredient alone, on the first dataset, after the main comparison and MPNet
-        "ablation": ["bb", "bb2", "distill", "bb_distill", "bb2_distill_flat"],
+        "ablation": ["bb", "bb2", "distill", "bb2_distill_flat", "bb_distill"],
         "train_samples": 6000,
         "epochs": 3.0,
         "mpnet": {"dataset": "rotten-tomatoes", "seeds": [0], "train_samples": 6000, "epochs": 2.0},
