@@ -451,7 +451,7 @@ def main() -> None:
     todo = [r for r in runs if not finished(runs_dir, r)]
     if args.only:
         names = [r.name for r in runs]
-        unmatched = [p for p in args.only if not fnmatch.filter(names, p)]
+        unmatched = [p for p in args.only if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
             parser.error(f"--only {unmatched[0]!r} matches none of the plan's runs, such as {names[0]!r}")
         todo = [r for r in todo if any(fnmatch.fnmatchcase(r.name, p) for p in args.only)]
