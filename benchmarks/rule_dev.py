@@ -29,6 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from training_runs import PLANS, finished, load_run, plan_runs  # noqa: E402
 
+from badge.comparison import upper_hull  # noqa: E402
 from badge.gate import fit_gate, gate_features  # noqa: E402
 from badge.rules import RULES, ExitPolicy, simulate  # noqa: E402
 
@@ -108,13 +109,13 @@ def curve(logits, labels, exit_layers, positions_list) -> list[tuple[float, floa
 
 def hull_at(points: list[tuple[float, float]], mean_layer: float) -> float | None:
     """The best value a setting or a mix of two settings gets at this mean exit layer (None: out of reach)."""
-    best = None
-    for x1, y1 in points:
-        for x2, y2 in points:
-            if x1 <= mean_layer <= x2:
-                y = y1 if x2 == x1 else y1 + (y2 - y1) * (mean_layer - x1) / (x2 - x1)
-                best = y if best is None else max(best, y)
-    return best
+    hull = upper_hull([(x, y, None) for x, y in points])
+    if len(hull) == 1:
+        return hull[0][1] if hull[0][0] == mean_layer else None
+    for (x0, y0, _), (x1, y1, _) in zip(hull, hull[1:], strict=False):
+        if x0 <= mean_layer <= x1:
+            return y0 + (y1 - y0) * (mean_layer - x0) / (x1 - x0)
+    return None
 
 
 def compare(split) -> dict[str, dict[tuple[float, str], float]]:
