@@ -93,6 +93,14 @@ def test_default_block_size_and_bypasses_follow_the_method() -> None:
     assert all(torch.count_nonzero(b.up.weight) == 0 for b in model.bypasses.values())
 
 
+def test_one_layer_encoder_gets_a_valid_default_block_size() -> None:
+    # A 1-layer cut of an encoder (a shallow model fine-tuned alone) must build with every default.
+    one = MultiExitConfig(backbone=BertConfig(num_hidden_layers=1, hidden_size=32, **SMALL).to_dict(), num_labels=2)
+    assert one.block_size == 1 and one.exit_layers == [1]
+    output = MultiExitModel(one)(input_ids=torch.tensor([[1, 2, 3]]))
+    assert len(output.exit_logits) == 1 and output.logits.shape == (1, 2)
+
+
 def test_bypass_starts_as_identity_so_training_starts_as_plain_multi_exit() -> None:
     backbone = FAMILIES["bert"].to_dict()
     torch.manual_seed(0)

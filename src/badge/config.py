@@ -30,7 +30,7 @@ class MultiExitConfig(PretrainedConfig):
         exit_layers: 1-based layers that carry an exit; the last layer always does. None = every layer.
         pooling: `cls` (first token) or `mean` (masked mean over tokens).
         use_bypass: add one block-wise bypass adapter per block of `block_size` layers.
-        block_size: layers per bypass block; None = `max(2, L // 4)`.
+        block_size: layers per bypass block; None = `max(2, L // 4)`, at most L (a 1-layer encoder has blocks of 1).
         bypass_dim: bottleneck width `r` of each bypass.
         gamma: gradient damper between the backbone and intermediate exits (1 = no damping).
         bypass_input: what a bypass reads: `pooled` (v1: the pooled vector) or `tokens` (v2: every token's
@@ -103,7 +103,7 @@ class MultiExitConfig(PretrainedConfig):
         if not distill_temperature > 0.0:
             raise ValueError(f"distill_temperature {distill_temperature} must be > 0")
         if block_size is None:
-            block_size = max(2, num_layers // 4)
+            block_size = min(num_layers, max(2, num_layers // 4))
         if not 1 <= block_size <= num_layers:
             raise ValueError(f"block_size {block_size} must lie in 1..{num_layers}")
         if bypass_dim < 1:
