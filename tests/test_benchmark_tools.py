@@ -36,3 +36,19 @@ def test_hull_mixes_two_settings_and_says_when_a_speedup_is_out_of_reach() -> No
 def test_first_exit_is_the_first_exit_that_leaves_else_the_last() -> None:
     leave = torch.tensor([[False, True], [True, True], [False, False]])
     assert rule_dev.first_exit(leave).tolist() == [1, 0, 2]
+
+
+def test_a_cut_encoder_keeps_the_first_layers_and_leaves_the_source_alone(tiny_encoder: Path, tmp_path: Path) -> None:
+    depth_ceiling = pytest.importorskip("depth_ceiling")
+    from badge import MultiExitModel
+
+    before = {p.name: p.read_bytes() for p in tiny_encoder.iterdir() if p.is_file()}
+    cut = depth_ceiling.cut_encoder(2, tmp_path / "cut", source=tiny_encoder)
+    full = MultiExitModel.from_encoder(tiny_encoder, label_names=["a", "b"])
+    short = MultiExitModel.from_encoder(cut, label_names=["a", "b"])
+    assert short.num_layers == 2 and short.exit_layers == [1, 2] and full.num_layers == 4
+    for name, weight in short.encoder.encoder.layer.state_dict().items():  # layers 0 and 1, as in the source
+        torch.testing.assert_close(weight, full.encoder.encoder.layer.state_dict()[name])
+    assert {p.name: p.read_bytes() for p in tiny_encoder.iterdir() if p.is_file()} == before
+    with pytest.raises(ValueError, match="depth 5 must lie in 1..4"):
+        depth_ceiling.cut_encoder(5, tmp_path / "too-deep", source=tiny_encoder)
