@@ -39,11 +39,11 @@ def test_first_exit_is_the_first_exit_that_leaves_else_the_last() -> None:
 
 
 def test_a_cut_encoder_keeps_the_first_layers_and_leaves_the_source_alone(tiny_encoder: Path, tmp_path: Path) -> None:
-    depth_ceiling = pytest.importorskip("depth_ceiling")
+    solo_depth = pytest.importorskip("solo_depth")
     from badge import MultiExitModel
 
     before = {p.name: p.read_bytes() for p in tiny_encoder.iterdir() if p.is_file()}
-    cut = depth_ceiling.cut_encoder(2, tmp_path / "cut", source=tiny_encoder)
+    cut = solo_depth.cut_encoder(2, tmp_path / "cut", source=tiny_encoder)
     full = MultiExitModel.from_encoder(tiny_encoder, label_names=["a", "b"])
     short = MultiExitModel.from_encoder(cut, label_names=["a", "b"])
     assert short.num_layers == 2 and short.exit_layers == [1, 2] and full.num_layers == 4
@@ -51,4 +51,4 @@ def test_a_cut_encoder_keeps_the_first_layers_and_leaves_the_source_alone(tiny_e
         torch.testing.assert_close(weight, full.encoder.encoder.layer.state_dict()[name])
     assert {p.name: p.read_bytes() for p in tiny_encoder.iterdir() if p.is_file()} == before
     with pytest.raises(ValueError, match="depth 5 must lie in 1..4"):
-        depth_ceiling.cut_encoder(5, tmp_path / "too-deep", source=tiny_encoder)
+        solo_depth.cut_encoder(5, tmp_path / "too-deep", source=tiny_encoder)

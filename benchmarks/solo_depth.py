@@ -1,13 +1,14 @@
-"""How good can a shallow exit get? Each shallow exit against a model of the same depth fine-tuned alone.
+"""Each shallow exit against a model of the same depth fine-tuned alone.
 
-    python benchmarks/depth_ceiling.py                 # about 50 min on 2 idle CPU cores; writes DEPTH-CEILING.md
-    python benchmarks/depth_ceiling.py --report-only   # the report from the runs already stored
+    python benchmarks/solo_depth.py                 # about 50 min on 2 idle CPU cores; writes SOLO-DEPTH.md
+    python benchmarks/solo_depth.py --report-only   # the report from the runs already stored
 
 Exit k of a multi-exit model sees the first k layers of the encoder, shared with every deeper exit. A model of depth
 k fine-tuned alone (MiniLM-L6 cut to its first k layers, one classifier on top, the plan's recipe: 6,000 training
 texts, 3 epochs, batch 16, the same seeds) is what a user who wanted a k-layer classifier would train instead.
-Comparing exit k of `joint` and of the default scheme with it shows how much of the shallow exits' gap the default
-scheme has closed, and how much is left for any training scheme to gain there.
+Comparing exit k of `joint` and of the default scheme with it shows whether sharing layers with deeper exits costs a
+shallow exit anything against that standalone model, and whether a scheme's gain at exit k is more than the depth
+alone gives.
 
 Every run is cached (`~/.cache/badge/benchmark-models/depth/`) and resumes after an interruption; its logits are
 stored under `benchmarks/runs-depth/` like the plan's runs. The multi-exit runs are read from `benchmarks/runs/`
@@ -145,11 +146,12 @@ def report(runs_dir: Path, plan_dir: Path, depths: list[int], seeds: list[int], 
     lines = [
         "# Shallow exits against models of their depth fine-tuned alone",
         "",
-        f"`python benchmarks/depth_ceiling.py` on {machine()}. MiniLM-L6 on {DATASET}, test split, seeds {common}; "
+        f"`python benchmarks/solo_depth.py` on {machine()}. MiniLM-L6 on {DATASET}, test split, seeds {common}; "
         f"every model trained with the plan's recipe ({PLAN['train_samples']} training texts, {PLAN['epochs']:g} "
         "epochs, batch 16). `solo k` is MiniLM-L6 cut to its first k layers and fine-tuned alone; exit k of "
         f"`{DEFAULT_SCHEME}` and `joint` are the plan's runs (`benchmarks/runs/`). Differences: mean over seeds, "
-        "paired bootstrap 95 % over test texts and seeds; bold where the interval excludes 0.",
+        "paired bootstrap 95 % over test texts and seeds; bold where the interval excludes 0. Depth 6 alone is the "
+        "plan's `single_exit` run.",
         "",
         f"| depth k | solo k | joint exit k | {DEFAULT_SCHEME} exit k | joint - solo | {DEFAULT_SCHEME} - solo |",
         "|---|---|---|---|---|---|",
@@ -180,7 +182,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=PLAN["seeds"])
     parser.add_argument("--runs-dir", type=Path, default=HERE / "runs-depth", help="where solo runs' logits go")
     parser.add_argument("--plan-runs-dir", type=Path, default=HERE / "runs", help="the plan's stored runs")
-    parser.add_argument("--out", type=Path, default=HERE / "DEPTH-CEILING.md")
+    parser.add_argument("--out", type=Path, default=HERE / "SOLO-DEPTH.md")
     parser.add_argument("--report-only", action="store_true", help="write the report from stored runs only")
     args = parser.parse_args()
     bad = [d for d in args.depths if not 1 <= d <= 5]
