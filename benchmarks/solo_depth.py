@@ -27,20 +27,29 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from run import exit_scores, paired_difference, per_text  # noqa: E402
-from training_runs import MAX_LENGTH, PLANS, finished, load_run, machine, plan_runs  # noqa: E402
+from training_runs import (  # noqa: E402
+    MAX_LENGTH,
+    PLANS,
+    finished,
+    load_run,
+    machine,
+    plan_runs,
+    store_run,
+    train_cached,
+)
 
 from badge import MultiExitModel  # noqa: E402
 from badge.comparison import SplitLogits  # noqa: E402
 from badge.data import default_cache_dir, load_named_dataset, sample  # noqa: E402
 from badge.encoders import minilm_l6_dir  # noqa: E402
-from badge.logits import split_logits  # noqa: E402
-from badge.training import DEFAULT_SCHEME, TrainingArguments, scheme_model_options, train  # noqa: E402
+from badge.report import fmt_difference  # noqa: E402
+from badge.training import DEFAULT_SCHEME  # noqa: E402
 
 DATASET = "rotten-tomatoes"
 PLAN = PLANS["v2"]
@@ -51,58 +60,50 @@ def run_name(depth: int, seed: int) -> str:
     return f"{DATASET}-minilm-L{depth}-s{seed}"
 
 
+def solo_logits(runs_dir: Path, depth: int, seed: int) -> Path:
+    """The stored logits of a solo run; their presence marks the run finished."""
+    return runs_dir / run_name(depth, seed) / "logits.safetensors"
+
+
 def cut_encoder(depth: int, into: Path, source: Path | None = None) -> Path:
     """A folder holding the encoder `source` (default MiniLM-L6) with only its first `depth` layers: the config says
     so, the weights and tokenizer are links to the source's files (transformers loads the first `depth` layers and
     skips the rest). The source folder is only read."""
     source = Path(source) if source is not None else minilm_l6_dir()
-    layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
-    if not 1 <= depth <= layers:
-        raise ValueError(f"depth {depth} must lie in 1..{layers}, the layers of the encoder in {source}")
+    config = json.loads((source / "config.json").read_text())
+    if not 1 <= depth <= config["num_hidden_layers"]:
+        raise ValueError(
+            f"depth {depth} must lie in 1..{config['num_hidden_layers']}, the layers of the encoder in {source}"
+        )
     into.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.name != "config.json" and not (into / item.name).exists():
             (into / item.name).symlink_to(item)
-    config = json.loads((source / "config.json").read_text())
     config["num_hidden_layers"] = depth
     (into / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return into
 
 
 def train_depth(depth: int, seed: int, runs_dir: Path) -> None:
-    """Fine-tune the `depth`-layer cut alone (resuming its checkpoint), then store its test and validation logits."""
+    """Fine-tune the `depth`-layer cut alone (resuming its checkpoint), then store its validation and test logits."""
     name = run_name(depth, seed)
     models = default_cache_dir() / "benchmark-models" / "depth" / name
     splits = load_named_dataset(DATASET, split_seed=0, quiet=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        encoder = cut_encoder(depth, Path(scratch) / "encoder")
-        if not (models / "best" / "config.json").is_file() or (models / "checkpoint").is_dir():
-            torch.manual_seed(seed)
-            model = MultiExitModel.from_encoder(
-                encoder, label_names=splits["train"].label_names, **scheme_model_options("single_exit")
-            )
-            resume = (models / "checkpoint" / "trainer_state.json").is_file()
-            args = TrainingArguments(
-                output_dir=str(models),
-                scheme="single_exit",
-                epochs=PLAN["epochs"],
-                batch_size=16,
-                max_length=MAX_LENGTH[DATASET],
-                seed=seed,
-                save_steps=200,
-                resume=resume,
-                overwrite=not resume,
-            )
-            train(model, sample(splits["train"], PLAN["train_samples"], seed), splits["validation"], args)
+        train_cached(
+            models,
+            cut_encoder(depth, Path(scratch) / "encoder"),
+            splits["train"].label_names,
+            "single_exit",
+            {},
+            sample(splits["train"], PLAN["train_samples"], seed),
+            splits["validation"],
+            PLAN["epochs"],
+            MAX_LENGTH[DATASET],
+            seed,
+        )
     model = MultiExitModel.from_pretrained(models / "best").eval()
-    tensors = {}
-    for split in ("validation", "test"):
-        logits, _, _ = split_logits(model, splits[split], MAX_LENGTH[DATASET], batch_size=64)
-        final = logits.exit_logits[:, -1:].contiguous()  # the model's own classifier, at layer `depth`
-        tensors[f"{split}_logits"], tensors[f"{split}_labels"] = final, logits.labels
-    folder = runs_dir / name
-    folder.mkdir(parents=True, exist_ok=True)
     record = {
         "dataset": DATASET,
         "depth": depth,
@@ -112,15 +113,15 @@ def train_depth(depth: int, seed: int, runs_dir: Path) -> None:
         "train_seconds": round(time.perf_counter() - started, 1),
         "machine": machine(),
     }
-    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-    save_file(tensors, folder / "logits.safetensors")  # written last: its presence marks the run finished
+    # only the model's own classifier, at layer `depth`: the exits below it were never trained
+    store_run(runs_dir / name, model, splits, MAX_LENGTH[DATASET], None, record, final_only=True)
 
 
 def solo_scores(runs_dir: Path, depth: int, seeds: list[int]) -> list[torch.Tensor] | None:
     """Per seed, the (N,) test correctness of the `depth`-layer model, or None if a seed is missing."""
     out = []
     for seed in seeds:
-        path = runs_dir / run_name(depth, seed) / "logits.safetensors"
+        path = solo_logits(runs_dir, depth, seed)
         if not path.is_file():
             return None
         tensors = load_file(path)
@@ -133,11 +134,6 @@ def multi_exit_scores(plan_dir: Path, scheme: str) -> dict[int, torch.Tensor]:
     """seed -> (E, N) test correctness of every exit of the plan's `scheme` run on the dataset."""
     runs = [r for r in plan_runs(PLAN) if r.dataset == DATASET and r.backbone == "minilm" and r.scheme == scheme]
     return {r.seed: exit_scores(load_run(plan_dir, r)["test"]) for r in runs if finished(plan_dir, r)}
-
-
-def fmt(diff: tuple[float, float, float]) -> str:
-    text = f"{diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]"
-    return f"**{text}**" if diff[1] > 0 or diff[2] < 0 else text
 
 
 def report(runs_dir: Path, plan_dir: Path, depths: list[int], seeds: list[int], resamples: int) -> str:
@@ -171,7 +167,7 @@ def report(runs_dir: Path, plan_dir: Path, depths: list[int], seeds: list[int], 
         mean = statistics.mean
         lines.append(
             f"| {depth} | {mean(s.metric for s in solo_s):.2f} | {mean(s.metric for s in joint):.2f} | "
-            f"{mean(s.metric for s in default):.2f} | {fmt(d_joint)} | {fmt(d_default)} |"
+            f"{mean(s.metric for s in default):.2f} | {fmt_difference(d_joint)} | {fmt_difference(d_default)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -189,12 +185,7 @@ def main() -> None:
     if bad:
         parser.error(f"--depths {bad}: a solo depth lies in 1..5 (depth 6 is the plan's single-exit run)")
     if not args.report_only:
-        todo = [
-            (d, s)
-            for s in args.seeds
-            for d in args.depths
-            if not (args.runs_dir / run_name(d, s) / "logits.safetensors").is_file()
-        ]
+        todo = [(d, s) for s in args.seeds for d in args.depths if not solo_logits(args.runs_dir, d, s).is_file()]
         hours = sum(d for d, _ in todo) * SECONDS_PER_LAYER / 3600
         print(f"{len(todo)} solo runs to train, about {hours:.1f} h on 2 idle CPU cores", flush=True)
         for depth, seed in todo:

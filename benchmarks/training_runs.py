@@ -124,6 +124,61 @@ def finished(runs_dir: Path, run: Run) -> bool:
     return (run_folder(runs_dir, run) / "logits.safetensors").is_file()
 
 
+def train_cached(
+    models: Path,
+    encoder: Path,
+    label_names: list[str],
+    scheme: str,
+    options: dict,
+    train_data,
+    validation,
+    epochs: float,
+    max_length: int,
+    seed: int,
+) -> list:
+    """Train a model from `encoder` into `models` with the benchmark's recipe, resuming its checkpoint if any; nothing
+    is trained when `models/best` holds a finished run. Returns the training history ([] when nothing was trained)."""
+    if (models / "best" / "config.json").is_file() and not (models / "checkpoint").is_dir():
+        return []
+    torch.manual_seed(seed)
+    model = MultiExitModel.from_encoder(encoder, label_names=label_names, **{**scheme_model_options(scheme), **options})
+    resume = (models / "checkpoint" / "trainer_state.json").is_file()
+    args = TrainingArguments(
+        output_dir=str(models),
+        scheme=scheme,
+        epochs=epochs,
+        batch_size=16,
+        max_length=max_length,
+        seed=seed,
+        save_steps=200,
+        resume=resume,
+        overwrite=not resume,  # a run without a usable checkpoint starts over
+    )
+    return train(model, train_data, validation, args).history
+
+
+def store_run(
+    folder: Path,
+    model: MultiExitModel,
+    splits: dict,
+    max_length: int,
+    eval_limit: int | None,
+    record: dict,
+    final_only: bool = False,
+) -> None:
+    """Store a trained model's exit logits on validation and test (only the final exit's with `final_only`) and its
+    `record` in `folder`; the logits file is written last, so its presence marks the run finished."""
+    tensors = {}
+    for split in ("validation", "test"):
+        data = sample(splits[split], eval_limit, 0)
+        logits, _, _ = split_logits(model, data, max_length, batch_size=64)
+        exit_logits = logits.exit_logits[:, -1:] if final_only else logits.exit_logits
+        tensors[f"{split}_logits"], tensors[f"{split}_labels"] = exit_logits.contiguous(), logits.labels
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_file(tensors, folder / "logits.safetensors")
+
+
 def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | None) -> None:
     """Train one run (resuming its checkpoint if any), then store its logits on validation and test."""
     models = default_cache_dir() / "benchmark-models" / plan_name / run.name
@@ -131,35 +186,19 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
     scheme, options = SCHEMES[run.scheme]
     backbone = minilm_l6_dir() if run.backbone == "minilm" else mpnet_base_dir()
     started = time.perf_counter()
-    if not (models / "best" / "config.json").is_file() or (models / "checkpoint").is_dir():
-        torch.manual_seed(run.seed)
-        model = MultiExitModel.from_encoder(
-            backbone, label_names=splits["train"].label_names, **{**scheme_model_options(scheme), **options}
-        )
-        resume = (models / "checkpoint" / "trainer_state.json").is_file()
-        args = TrainingArguments(
-            output_dir=str(models),
-            scheme=scheme,
-            epochs=run.epochs,
-            batch_size=16,
-            max_length=MAX_LENGTH[run.dataset],
-            seed=run.seed,
-            save_steps=200,
-            resume=resume,
-            overwrite=not resume,  # a run without a usable checkpoint starts over
-        )
-        result = train(model, sample(splits["train"], run.train_samples, run.seed), splits["validation"], args)
-        history = result.history
-    else:
-        history = []
+    history = train_cached(
+        models,
+        backbone,
+        splits["train"].label_names,
+        scheme,
+        options,
+        sample(splits["train"], run.train_samples, run.seed),
+        splits["validation"],
+        run.epochs,
+        MAX_LENGTH[run.dataset],
+        run.seed,
+    )
     model = MultiExitModel.from_pretrained(models / "best").eval()
-    tensors = {}
-    for split in ("validation", "test"):
-        data = sample(splits[split], eval_limit, 0)
-        logits, _, _ = split_logits(model, data, MAX_LENGTH[run.dataset], batch_size=64)
-        tensors[f"{split}_logits"], tensors[f"{split}_labels"] = logits.exit_logits.contiguous(), logits.labels
-    folder = run_folder(runs_dir, run)
-    folder.mkdir(parents=True, exist_ok=True)
     record = {
         **asdict(run),
         "name": run.name,
@@ -172,8 +211,7 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
         "history": history,
         "machine": machine(),
     }
-    (folder / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-    save_file(tensors, folder / "logits.safetensors")  # written last: its presence marks the run finished
+    store_run(run_folder(runs_dir, run), model, splits, MAX_LENGTH[run.dataset], eval_limit, record)
 
 
 def load_run(runs_dir: Path, run: Run) -> dict[str, SplitLogits]:
