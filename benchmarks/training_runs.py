@@ -33,6 +33,8 @@ SCHEMES = {
     "bb2_distill": ("bb2_distill", {}),
     # the default with v1's constant damper: separates how the damper scales with depth
     "bb2_distill_flat": ("bb2_distill", {"gamma_schedule": "constant"}),
+    # the default with every exit's loss weighted alike: the ascending weights give exit 1 a 21st of the loss (6 layers)
+    "bb2_distill_uniform": ("bb2_distill", {"loss_weights": "uniform"}),
 }
 DEFAULT_RULE = "entropy"  # what `badge calibrate` uses (badge.cli.evaluate.CALIBRATE_RULE)
 BASELINE_RULES = ("entropy", "maxprob", "pcee", "patience", "static")
@@ -58,7 +60,7 @@ PLANS = {
         "seeds": [0, 1, 2],
         "schemes": [DEFAULT_SCHEME, "joint", "single_exit"],
         # each ingredient alone, on the first dataset, after the main comparison and MPNet
-        "ablation": ["bb", "bb2", "distill", "bb2_distill_flat", "bb_distill"],
+        "ablation": ["bb", "bb2", "distill", "bb2_distill_flat", "bb_distill", "bb2_distill_uniform"],
         "train_samples": 6000,
         "epochs": 3.0,
         "mpnet": {"dataset": "rotten-tomatoes", "seeds": [0], "train_samples": 6000, "epochs": 2.0},
