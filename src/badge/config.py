@@ -43,6 +43,7 @@ class MultiExitConfig(PretrainedConfig):
         distill_temperature: the temperature T of the self-distillation targets.
         gradient_equilibrium: rescale gradients in the backbone so that the gradient every exit's loss sends
             into the hidden states of layer j is divided by the number of exits at or above j (ElasticBERT).
+            Each layer's whole gradient is then scaled by one constant, which AdamW (`badge.training`) cancels.
         classifier_dropout: dropout inside every exit head.
         loss_weights: `uniform`, `ascending` or `descending` weights over exits in the joint loss.
         exit_policy: the default exit rule and its parameters (see `badge.rules`). Saved to `exit_policy.json`
