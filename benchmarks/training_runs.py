@@ -4,6 +4,7 @@ and how it is read back. The report itself (tables, intervals, RESULTS.md) is bu
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -126,6 +127,17 @@ def finished(runs_dir: Path, run: Run) -> bool:
     return (run_folder(runs_dir, run) / "logits.safetensors").is_file()
 
 
+def cached_training_finished(models: Path, epochs: float) -> bool:
+    """Whether `models` holds a run trained to the end: `best` is there, and the checkpoint (training keeps it
+    after the last epoch) is absent or reached the last epoch, so resuming it would only evaluate again."""
+    if not (models / "best" / "config.json").is_file():
+        return False
+    state = models / "checkpoint" / "trainer_state.json"
+    if not (models / "checkpoint").is_dir():
+        return True
+    return state.is_file() and json.loads(state.read_text()).get("epoch", 0) >= math.ceil(epochs)
+
+
 def train_cached(
     models: Path,
     encoder: Path,
@@ -140,7 +152,7 @@ def train_cached(
 ) -> list:
     """Train a model from `encoder` into `models` with the benchmark's recipe, resuming its checkpoint if any; nothing
     is trained when `models/best` holds a finished run. Returns the training history ([] when nothing was trained)."""
-    if (models / "best" / "config.json").is_file() and not (models / "checkpoint").is_dir():
+    if cached_training_finished(models, epochs):
         return []
     torch.manual_seed(seed)
     model = MultiExitModel.from_encoder(encoder, label_names=label_names, **{**scheme_model_options(scheme), **options})

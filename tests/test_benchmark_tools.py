@@ -52,3 +52,19 @@ def test_a_cut_encoder_keeps_the_first_layers_and_leaves_the_source_alone(tiny_e
     assert {p.name: p.read_bytes() for p in tiny_encoder.iterdir() if p.is_file()} == before
     with pytest.raises(ValueError, match="depth 5 must lie in 1..4"):
         solo_depth.cut_encoder(5, tmp_path / "too-deep", source=tiny_encoder)
+
+
+def test_a_cached_run_counts_as_trained_only_when_its_checkpoint_reached_the_last_epoch(tmp_path: Path) -> None:
+    from training_runs import cached_training_finished
+
+    models = tmp_path / "run"
+    assert not cached_training_finished(models, 3.0)  # nothing there
+    (models / "best").mkdir(parents=True)
+    (models / "best" / "config.json").write_text("{}")
+    assert cached_training_finished(models, 3.0)  # best and no checkpoint: an older finished run
+    (models / "checkpoint").mkdir()
+    (models / "checkpoint" / "trainer_state.json").write_text('{"epoch": 2, "global_step": 750}')
+    assert not cached_training_finished(models, 3.0)  # interrupted after epoch 2: resume
+    assert cached_training_finished(models, 2.0)
+    (models / "checkpoint" / "trainer_state.json").write_text('{"epoch": 3, "global_step": 1125}')
+    assert cached_training_finished(models, 3.0) and cached_training_finished(models, 2.5)
