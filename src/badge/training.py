@@ -54,8 +54,8 @@ SCHEMES = {
     "bb2_distill": "bb2 with the intermediate exits distilled from the final exit",
 }
 # What `badge train` and the quickstart use: the best measured in benchmarks/RESULTS.md. Over plain joint
-# training its mean accuracy over exits was +0.90 [+0.21, +1.50] on rotten-tomatoes and +1.12 [+0.77, +1.48]
-# on tweet-sentiment (3 seeds each) and +0.38 [+0.19, +0.59] on reuters-r8 (2 seeds), final exit within 0.3
+# training its mean accuracy over exits was +0.90 [+0.21, +1.50] on rotten-tomatoes, +1.12 [+0.77, +1.48]
+# on tweet-sentiment and +0.34 [+0.17, +0.54] on reuters-r8 (3 seeds each), final exit within 0.3
 # of joint; v1 `bb` was 0.84 below joint.
 DEFAULT_SCHEME = "bb2_distill"
 # Self-distillation settings the *_distill schemes start from (any can be overridden per run).
