@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from badge import MultiExitModel
+from badge.checkpoints import BEST, CHECKPOINT, STATE_FILE
 from badge.comparison import BOOTSTRAP_RESAMPLES, SplitLogits
 from badge.data import default_cache_dir, load_named_dataset, sample
 from badge.encoders import minilm_l6_dir, mpnet_base_dir
@@ -130,11 +131,11 @@ def finished(runs_dir: Path, run: Run) -> bool:
 def cached_training_finished(models: Path, epochs: float) -> bool:
     """Whether `models` holds a run trained to the end: `best` is there, and the checkpoint (training keeps it
     after the last epoch) is absent or reached the last epoch, so resuming it would only evaluate again."""
-    if not (models / "best" / "config.json").is_file():
+    if not (models / BEST / "config.json").is_file():
         return False
-    state = models / "checkpoint" / "trainer_state.json"
-    if not (models / "checkpoint").is_dir():
+    if not (models / CHECKPOINT).is_dir():
         return True
+    state = models / CHECKPOINT / STATE_FILE
     return state.is_file() and json.loads(state.read_text()).get("epoch", 0) >= math.ceil(epochs)
 
 
@@ -156,7 +157,7 @@ def train_cached(
         return []
     torch.manual_seed(seed)
     model = MultiExitModel.from_encoder(encoder, label_names=label_names, **{**scheme_model_options(scheme), **options})
-    resume = (models / "checkpoint" / "trainer_state.json").is_file()
+    resume = (models / CHECKPOINT / STATE_FILE).is_file()
     args = TrainingArguments(
         output_dir=str(models),
         scheme=scheme,
