@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 rule_dev = pytest.importorskip("rule_dev")
+beyond_final = pytest.importorskip("beyond_final")
 
 
 def test_run_refuses_an_only_pattern_that_matches_no_run() -> None:
@@ -68,3 +69,39 @@ def test_a_cached_run_counts_as_trained_only_when_its_checkpoint_reached_the_las
     assert cached_training_finished(models, 2.0)
     (models / "checkpoint" / "trainer_state.json").write_text('{"epoch": 3, "global_step": 1125}')
     assert cached_training_finished(models, 3.0) and cached_training_finished(models, 2.5)
+
+
+def _split_where_exit_1_is_right_only_on_confident_texts():
+    """3 exits, 2 classes, 200 texts. Exit 1 is very sure and right on texts 0-59 where the final exit is wrong,
+    unsure and wrong on the rest where the final exit is right; exit 2 always agrees with the final exit."""
+    from badge.comparison import SplitLogits
+
+    labels = torch.zeros(200, dtype=torch.long)
+    logits = torch.zeros(200, 3, 2)
+    logits[:, 1:, 0] = 1.0  # exits 2 and 3 say class 0 ...
+    logits[:60, 1:] = torch.tensor([0.0, 1.0])  # ... except on texts 0-59, where they are wrong
+    logits[:60, 0] = torch.tensor([5.0, 0.0])  # exit 1: sure and right there
+    logits[60:, 0] = torch.tensor([0.0, 0.3])  # unsure and wrong elsewhere
+    return SplitLogits(logits, labels, [1, 2, 3], "single_label_classification")
+
+
+def test_gains_and_the_oracle_count_texts_where_a_shallow_exit_is_right_and_the_final_wrong() -> None:
+    split = _split_where_exit_1_is_right_only_on_confident_texts()
+    g = beyond_final.gains(split)
+    assert g.shape == (200, 2)
+    assert g[:60, 0].tolist() == [1] * 60 and g[60:, 0].tolist() == [-1] * 140
+    assert g[:, 1].abs().sum() == 0  # exit 2 answers as the final exit does
+    assert beyond_final.oracle_change(split).sum() == 60
+
+
+def test_the_fitted_rule_leaves_early_exactly_where_its_validation_shows_a_gain() -> None:
+    split = _split_where_exit_1_is_right_only_on_confident_texts()
+    change, speedup, margin = beyond_final.fitted_rule(split, split)
+    assert margin < 2  # leaving early pays on held-out halves, so it does not choose "never"
+    assert change.sum() == 60 and (change >= 0).all()  # every confident text gains, no other text leaves
+    assert speedup == pytest.approx(3 / ((60 * 1 + 140 * 3) / 200))
+    models = beyond_final.fit_models(beyond_final.rule_features(split), beyond_final.gains(split))
+    never, layer = beyond_final.apply_rule(
+        models, beyond_final.rule_features(split), beyond_final.gains(split), [1, 2, 3], 2.0
+    )
+    assert never.abs().sum() == 0 and layer == 3.0  # margin 2 is the full model
