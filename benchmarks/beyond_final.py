@@ -38,6 +38,8 @@ from badge.comparison import SplitLogits, paired_bootstrap  # noqa: E402
 from badge.gate import gate_features  # noqa: E402
 
 RESAMPLES = 1000
+MARGINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 2.0)  # 2.0: never leave early (P(+1) - P(-1) <= 1)
+CUTS = 3  # random halvings of validation that choose the margin
 
 
 def rule_features(split: SplitLogits) -> list[torch.Tensor]:
@@ -57,10 +59,6 @@ def gains(split: SplitLogits) -> torch.Tensor:
     """(N, E - 1) g_i = correct_i - correct_final per text and intermediate exit."""
     correct = (split.exit_logits.argmax(-1) == split.labels[:, None]).long()  # (N, E)
     return correct[:, :-1] - correct[:, -1:]
-
-
-MARGINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 2.0)  # 2.0: never leave early (P(+1) - P(-1) <= 1)
-CUTS = 3
 
 
 def fit_models(features: list[torch.Tensor], g: torch.Tensor) -> list:
