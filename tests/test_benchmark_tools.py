@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 rule_dev = pytest.importorskip("rule_dev")
 beyond_final = pytest.importorskip("beyond_final")
+rule_dev_hidden = pytest.importorskip("rule_dev_hidden")
 
 
 def test_run_refuses_an_only_pattern_that_matches_no_run() -> None:
@@ -105,3 +106,22 @@ def test_the_fitted_rule_leaves_early_exactly_where_its_validation_shows_a_gain(
         models, beyond_final.rule_features(split), beyond_final.gains(split), [1, 2, 3], 2.0
     )
     assert never.abs().sum() == 0 and layer == 3.0  # margin 2 is the full model
+
+
+def test_the_hidden_gate_learns_agreement_that_only_the_hidden_vector_shows() -> None:
+    # 2 exits, 2 classes: exit 1 is equally unsure on every text, and agrees with the final exit exactly where the
+    # first coordinate of its hidden vector is positive
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(400, 2, 8, generator=generator)
+    hidden[:, :, 0] *= 3.0  # the widest direction, so that the first principal component is this coordinate
+    final = torch.randint(2, (400,), generator=generator)
+    agrees = hidden[:, 0, 0] > 0
+    first = torch.where(agrees, final, 1 - final)
+    logits = torch.zeros(400, 2, 2)
+    logits[torch.arange(400), 0, first] = 0.1
+    logits[torch.arange(400), 1, final] = 3.0
+    for components, c in ((None, 1.0), (4, 1.0)):
+        p = rule_dev_hidden.scores(logits[:200], hidden[:200], logits[200:], hidden[200:], components, c)
+        assert p.shape == (200, 1)
+        held_agrees = agrees[200:]
+        assert p[held_agrees, 0].mean() > 0.7 > 0.3 > p[~held_agrees, 0].mean()
