@@ -118,45 +118,67 @@ def hull_at(points: list[tuple[float, float]], mean_layer: float) -> float | Non
     return None
 
 
-def compare(split) -> dict[str, dict[tuple[float, str], float]]:
-    """Every variant minus the better of entropy and max-prob, per (speedup, measure), averaged over cuts."""
-    sums: dict[str, dict[tuple[float, str], list[float]]] = {v: {} for v in VARIANTS}
-    n, layers = len(split), split.exit_layers
+def gap_to_best(points, baselines, mean_layer: float, k: int = 1) -> float | None:
+    """Measure `k` (1 accuracy, 2 agreement) of the `points` curve at `mean_layer`, minus the best baseline's there;
+    None when either is out of reach."""
+    mine = hull_at([(p[0], p[k]) for p in points], mean_layer)
+    best = [hull_at([(p[0], p[k]) for p in b], mean_layer) for b in baselines]
+    best = [b for b in best if b is not None]
+    return mine - max(best) if mine is not None and best else None
+
+
+def cuts(n: int):
+    """(fitting half, measured half) index pairs: `CUTS` random halvings of n texts, each used both ways."""
     for cut in range(CUTS):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(100 + cut))
         halves = (order[: n // 2], order[n // 2 :])
-        for fit, held in (halves, halves[::-1]):
-            logits, labels = split.exit_logits[held], split.labels[held]
-            baselines = [
-                curve(
-                    logits,
-                    labels,
-                    layers,
-                    [simulate(logits, ExitPolicy(r, tau=t), split.task, layers) for t in RULES[r].sweep["tau"]],
-                )
-                for r in ("entropy", "maxprob")
-            ]
-            for variant in VARIANTS:
-                if variant == "gate":  # the shipped gate, run by the shipped rule
-                    gate = fit_gate(split.exit_logits[fit])
-                    settings = [
-                        simulate(logits, ExitPolicy("gate", tau=t, gate=gate), split.task, layers) for t in TAUS
-                    ]
+        yield from (halves, halves[::-1])
+
+
+def baseline_curves(split, held: torch.Tensor) -> list[list[tuple[float, float, float]]]:
+    """The `curve` of entropy and of max-prob over their sweep grids, on the texts `held`."""
+    logits, labels, layers = split.exit_logits[held], split.labels[held], split.exit_layers
+    return [
+        curve(
+            logits,
+            labels,
+            layers,
+            [simulate(logits, ExitPolicy(r, tau=t), split.task, layers) for t in RULES[r].sweep["tau"]],
+        )
+        for r in ("entropy", "maxprob")
+    ]
+
+
+def shipped_gate_settings(split, fit: torch.Tensor, held: torch.Tensor) -> list[torch.Tensor]:
+    """Exit positions on the texts `held` of the shipped gate fitted on the texts `fit`, run by the shipped rule."""
+    gate = fit_gate(split.exit_logits[fit])
+    logits, layers = split.exit_logits[held], split.exit_layers
+    return [simulate(logits, ExitPolicy("gate", tau=t, gate=gate), split.task, layers) for t in TAUS]
+
+
+def compare(split) -> dict[str, dict[tuple[float, str], float]]:
+    """Every variant minus the better of entropy and max-prob, per (speedup, measure), averaged over cuts."""
+    sums: dict[str, dict[tuple[float, str], list[float]]] = {v: {} for v in VARIANTS}
+    layers = split.exit_layers
+    for fit, held in cuts(len(split)):
+        logits, labels = split.exit_logits[held], split.labels[held]
+        baselines = baseline_curves(split, held)
+        for variant in VARIANTS:
+            if variant == "gate":
+                settings = shipped_gate_settings(split, fit, held)
+            else:
+                p = fit_scores(split.exit_logits[fit], split.labels[fit], logits, variant)
+                if variant == "cost-aware":
+                    to_go = torch.tensor([(layers[-1] - x) / layers[-1] for x in layers[:-1]])
+                    settings = [first_exit(1 - p < lam * to_go) for lam in LAMBDAS]
                 else:
-                    p = fit_scores(split.exit_logits[fit], split.labels[fit], logits, variant)
-                    if variant == "cost-aware":
-                        to_go = torch.tensor([(layers[-1] - x) / layers[-1] for x in layers[:-1]])
-                        settings = [first_exit(1 - p < lam * to_go) for lam in LAMBDAS]
-                    else:
-                        settings = [first_exit(p > t) for t in TAUS]
-                points = curve(logits, labels, layers, settings)
-                for speedup in SPEEDUPS:
-                    for k, measure in ((1, "accuracy"), (2, "agreement")):
-                        mine = hull_at([(p[0], p[k]) for p in points], layers[-1] / speedup)
-                        best = [hull_at([(p[0], p[k]) for p in b], layers[-1] / speedup) for b in baselines]
-                        best = [b for b in best if b is not None]
-                        if mine is not None and best:
-                            sums[variant].setdefault((speedup, measure), []).append(mine - max(best))
+                    settings = [first_exit(p > t) for t in TAUS]
+            points = curve(logits, labels, layers, settings)
+            for speedup in SPEEDUPS:
+                for k, measure in ((1, "accuracy"), (2, "agreement")):
+                    gap = gap_to_best(points, baselines, layers[-1] / speedup, k)
+                    if gap is not None:
+                        sums[variant].setdefault((speedup, measure), []).append(gap)
     return {v: {k: sum(x) / len(x) for k, x in cells.items()} for v, cells in sums.items()}
 
 

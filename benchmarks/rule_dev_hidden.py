@@ -32,14 +32,13 @@ from safetensors.torch import load_file, save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from rule_dev import CUTS, SPEEDUPS, TAUS, curve, first_exit, hull_at  # noqa: E402
+from rule_dev import SPEEDUPS, TAUS, baseline_curves, curve, cuts, first_exit, gap_to_best, shipped_gate_settings  # noqa: E402
 from training_runs import DEFAULT_SCHEME, MAX_LENGTH, PLANS, finished, load_run, plan_runs  # noqa: E402
 
 from badge import MultiExitModel  # noqa: E402
 from badge.data import default_cache_dir, load_named_dataset, sample  # noqa: E402
-from badge.gate import fit_gate, gate_features  # noqa: E402
+from badge.gate import gate_features  # noqa: E402
 from badge.logits import split_logits  # noqa: E402
-from badge.rules import RULES, ExitPolicy, simulate  # noqa: E402
 
 VARIANTS = {"gate": None, "+hidden": (None, 0.003), "+hidden PCA 4": (4, 1.0), "+hidden PCA 16": (16, 1.0)}
 INPUTS_FILE = "exit_inputs_validation.safetensors"
@@ -99,37 +98,21 @@ def scores(fit_logits, fit_hidden, eval_logits, eval_hidden, components: int | N
 def compare(split, hidden: torch.Tensor) -> dict[str, dict[float, float]]:
     """Every variant minus the better of entropy and max-prob in accuracy, per speedup, averaged over cuts."""
     sums: dict[str, dict[float, list[float]]] = {v: {} for v in VARIANTS}
-    n, layers = len(split), split.exit_layers
-    for cut in range(CUTS):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(100 + cut))  # rule_dev.py's cuts
-        halves = (order[: n // 2], order[n // 2 :])
-        for fit, held in (halves, halves[::-1]):
-            logits, labels = split.exit_logits[held], split.labels[held]
-            baselines = [
-                curve(
-                    logits,
-                    labels,
-                    layers,
-                    [simulate(logits, ExitPolicy(r, tau=t), split.task, layers) for t in RULES[r].sweep["tau"]],
-                )
-                for r in ("entropy", "maxprob")
-            ]
-            for variant, setting in VARIANTS.items():
-                if setting is None:
-                    gate = fit_gate(split.exit_logits[fit])
-                    positions = [
-                        simulate(logits, ExitPolicy("gate", tau=t, gate=gate), split.task, layers) for t in TAUS
-                    ]
-                else:
-                    p = scores(split.exit_logits[fit], hidden[fit], logits, hidden[held], *setting)
-                    positions = [first_exit(p > t) for t in TAUS]
-                points = curve(logits, labels, layers, positions)
-                for speedup in SPEEDUPS:
-                    mine = hull_at([(x, y) for x, y, _ in points], layers[-1] / speedup)
-                    best = [hull_at([(x, y) for x, y, _ in b], layers[-1] / speedup) for b in baselines]
-                    best = [b for b in best if b is not None]
-                    if mine is not None and best:
-                        sums[variant].setdefault(speedup, []).append(mine - max(best))
+    layers = split.exit_layers
+    for fit, held in cuts(len(split)):  # rule_dev.py's cuts
+        logits, labels = split.exit_logits[held], split.labels[held]
+        baselines = baseline_curves(split, held)
+        for variant, setting in VARIANTS.items():
+            if setting is None:
+                positions = shipped_gate_settings(split, fit, held)
+            else:
+                p = scores(split.exit_logits[fit], hidden[fit], logits, hidden[held], *setting)
+                positions = [first_exit(p > t) for t in TAUS]
+            points = curve(logits, labels, layers, positions)
+            for speedup in SPEEDUPS:
+                gap = gap_to_best(points, baselines, layers[-1] / speedup)
+                if gap is not None:
+                    sums[variant].setdefault(speedup, []).append(gap)
     return {v: {s: sum(x) / len(x) for s, x in cells.items()} for v, cells in sums.items()}
 
 
