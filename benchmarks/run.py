@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import transformers
 from training_runs import (
+    ABLATION_CONTRASTS,
     BASELINE_RULES,
     DEFAULT_RULE,
     DEFAULT_SCHEME,
@@ -84,17 +85,22 @@ def paired_difference(a: list[Scorer], b: list[Scorer], resamples: int) -> tuple
     return diff, low, high
 
 
+def scheme_scores(runs_dir: Path, plan: dict, dataset: str, scheme: str) -> tuple[list[Run], list[torch.Tensor]]:
+    """A scheme's finished MiniLM runs on `dataset`, by seed, and each one's per-exit test correctness (E, N)."""
+    done = [r for r in plan_runs(plan) if r.dataset == dataset and r.backbone == "minilm" and r.scheme == scheme]
+    done = [r for r in done if finished(runs_dir, r)]
+    return done, [exit_scores(load_run(runs_dir, r)["test"]) for r in done]
+
+
 def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
     """Per scheme: per-exit test accuracy (mean over seeds), mean over exits, final exit; differences with intervals."""
     schemes = plan["schemes"] + (plan["ablation"] if dataset == plan["datasets"][0] else [])
     rows = {}
     scores: dict[str, dict[str, list[Scorer]]] = {}
     for scheme in schemes:
-        done = [r for r in plan_runs(plan) if r.dataset == dataset and r.backbone == "minilm" and r.scheme == scheme]
-        done = [r for r in done if finished(runs_dir, r)]
+        done, per_seed = scheme_scores(runs_dir, plan, dataset, scheme)
         if not done:
             continue
-        per_seed = [exit_scores(load_run(runs_dir, r)["test"]) for r in done]  # each (E, N)
         scores[scheme] = {
             "mean": [per_text(s.mean(0)) for s in per_seed],
             "final": [per_text(s[-1]) for s in per_seed],
@@ -118,6 +124,26 @@ def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
                 scores[scheme]["final"], scores["single_exit"]["final"], plan["resamples"]
             )
     return rows
+
+
+def ablation_section(runs_dir: Path, plan: dict) -> list[dict]:
+    """Each ingredient of the default alone (`ABLATION_CONTRASTS`) on the first dataset: a - b in mean over exits and
+    final exit, over the seeds both schemes have, with intervals."""
+    dataset = plan["datasets"][0]
+    out = []
+    for a, b, isolates in ABLATION_CONTRASTS:
+        if a not in plan["schemes"] + plan["ablation"] or b not in plan["schemes"] + plan["ablation"]:
+            continue
+        (_, scores_a), (_, scores_b) = (scheme_scores(runs_dir, plan, dataset, scheme) for scheme in (a, b))
+        if not scores_a or not scores_b:
+            continue
+        row = {"a": a, "b": b, "isolates": isolates, "seeds": min(len(scores_a), len(scores_b))}
+        for key, pick in (("mean", lambda s: s.mean(0)), ("final", lambda s: s[-1])):
+            row[key] = paired_difference(
+                [per_text(pick(s)) for s in scores_a], [per_text(pick(s)) for s in scores_b], plan["resamples"]
+            )
+        out.append(row)
+    return out
 
 
 # ----- 2. exit rules -------------------------------------------------------------------------
@@ -261,6 +287,7 @@ def build_results(plan_name: str, plan: dict, runs_dir: Path) -> dict:
         "rules": {},
         "comparisons": [],
     }
+    results["ablation"] = ablation_section(runs_dir, plan)
     sides_by_dataset = {}
     for dataset in plan["datasets"]:
         results["training"][dataset] = training_section(runs_dir, plan, dataset)
@@ -356,6 +383,22 @@ def write_report(results: dict, out: Path) -> None:
                 f"| {scheme} | {len(row['seeds'])} | {exits} | {row['mean_exit_metric']:.2f} "
                 f"± {row['mean_exit_metric_std']:.2f} | {row['final_metric']:.2f} "
                 f"| {fmt_difference(row.get('vs_joint_mean'))} | {fmt_difference(row.get('vs_single_exit_final'))} |"
+            )
+    if results.get("ablation"):
+        lines += [
+            "",
+            f"## 1. Ablation: one ingredient at a time, MiniLM-L6 on {plan['datasets'][0]} (test accuracy)",
+            "",
+            "Each row sets two schemes that differ in one ingredient against each other, seed i of one paired with "
+            "seed i of the other, over the seeds both have.",
+            "",
+            "| a | b | what a - b isolates | seeds | mean over exits, a - b | final exit, a - b |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in results["ablation"]:
+            lines.append(
+                f"| {row['a']} | {row['b']} | {row['isolates']} | {row['seeds']} | {fmt_difference(row['mean'])} "
+                f"| {fmt_difference(row['final'])} |"
             )
     for tag, section in results["rules"].items():
         labels = list(next(iter(section["table"].values())))

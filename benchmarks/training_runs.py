@@ -38,6 +38,16 @@ SCHEMES = {
     # the default with every exit's loss weighted alike: the ascending weights give exit 1 a 21st of the loss (6 layers)
     "bb2_distill_uniform": ("bb2_distill", {"loss_weights": "uniform"}),
 }
+# The ablation's contrasts (a, b, what a - b isolates), each scheme differing from the other in one ingredient
+ABLATION_CONTRASTS = (
+    ("bb2", "joint", "v2 bypasses (token adapters, depth damper) over no bypass"),
+    ("bb2", "bb", "v2 bypasses over the paper's (v1) bypasses"),
+    ("distill", "joint", "self-distillation alone"),
+    ("bb2_distill", "bb2", "self-distillation on top of v2 bypasses"),
+    ("bb_distill", "bb", "self-distillation on top of v1 bypasses"),
+    ("bb2_distill", "bb2_distill_flat", "the damper rising with depth over v1's constant damper"),
+    ("bb2_distill", "bb2_distill_uniform", "exit loss weights ascending with depth over uniform"),
+)
 DEFAULT_RULE = "entropy"  # what `badge calibrate` uses (badge.cli.evaluate.CALIBRATE_RULE)
 BASELINE_RULES = ("entropy", "maxprob", "pcee", "patience", "static")
 MAX_LENGTH = {"rotten-tomatoes": 64, "reuters-r8": 128, "tweet-sentiment": 64}

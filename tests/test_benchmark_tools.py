@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 rule_dev = pytest.importorskip("rule_dev")
 beyond_final = pytest.importorskip("beyond_final")
 rule_dev_hidden = pytest.importorskip("rule_dev_hidden")
+run_report = pytest.importorskip("run")
 
 
 def test_run_refuses_an_only_pattern_that_matches_no_run() -> None:
@@ -125,3 +126,40 @@ def test_the_hidden_gate_learns_agreement_that_only_the_hidden_vector_shows() ->
         assert p.shape == (200, 1)
         held_agrees = agrees[200:]
         assert p[held_agrees, 0].mean() > 0.7 > 0.3 > p[~held_agrees, 0].mean()
+
+
+def test_the_ablation_pairs_schemes_that_differ_in_one_ingredient_over_the_seeds_both_have(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    plan = {
+        "datasets": ["rotten-tomatoes"],
+        "seeds": [0, 1],
+        "schemes": ["joint"],
+        "ablation": ["bb", "bb2"],
+        "train_samples": 8,
+        "epochs": 1.0,
+        "mpnet": None,
+        "resamples": 200,
+    }
+    labels = torch.zeros(10, dtype=torch.long)
+    right, wrong = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    correct_texts = {"joint": 5, "bb": 4, "bb2": 8}  # texts every exit gets right; the others every exit gets wrong
+    for run in run_report.plan_runs(plan):
+        if run.scheme == "bb" and run.seed == 1:
+            continue  # bb has seed 0 only, so its contrast pairs one seed
+        logits = torch.stack([right if i < correct_texts[run.scheme] else wrong for i in range(10)])
+        logits = logits[:, None].repeat(1, 2, 1)  # (N, E = 2, K = 2)
+        folder = tmp_path / run.name
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps({"exit_layers": [1, 2]}))
+        tensors = {"validation_logits": logits, "validation_labels": labels, "test_logits": logits.clone()}
+        save_file({**tensors, "test_labels": labels.clone()}, folder / "logits.safetensors")
+    rows = {(row["a"], row["b"]): row for row in run_report.ablation_section(tmp_path, plan)}
+    assert set(rows) == {("bb2", "joint"), ("bb2", "bb")}  # the contrasts whose two schemes are both in the plan
+    assert rows[("bb2", "joint")]["seeds"] == 2 and rows[("bb2", "bb")]["seeds"] == 1
+    for (a, b), row in rows.items():
+        expected = 10.0 * (correct_texts[a] - correct_texts[b])  # points
+        assert row["mean"][0] == pytest.approx(expected) and row["final"][0] == pytest.approx(expected)
+        assert row["mean"][1] <= expected <= row["mean"][2]
