@@ -32,10 +32,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from rule_dev import features  # noqa: E402
 from training_runs import DEFAULT_SCHEME, PLANS, finished, load_run, plan_runs  # noqa: E402
 
 from badge.comparison import SplitLogits, paired_bootstrap  # noqa: E402
-from badge.gate import gate_features  # noqa: E402
 
 RESAMPLES = 1000
 MARGINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 2.0)  # 2.0: never leave early (P(+1) - P(-1) <= 1)
@@ -45,14 +45,13 @@ CUTS = 3  # random halvings of validation that choose the margin
 def rule_features(split: SplitLogits) -> list[torch.Tensor]:
     """Per intermediate exit, what a rule leaving there can see (N, F): the gate's features and the predicted
     class one-hot."""
-    state: dict = {}
-    out = []
-    for position in range(split.exit_logits.shape[1] - 1):
-        logits = split.exit_logits[:, position]
-        base, state = gate_features(logits, state)
-        one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        out.append(torch.cat([base, one_hot], dim=1).double())
-    return out
+    classes = split.exit_logits.shape[-1]
+    return [
+        torch.cat(
+            [base, torch.nn.functional.one_hot(split.exit_logits[:, position].argmax(-1), classes).float()], 1
+        ).double()
+        for position, base in enumerate(features(split.exit_logits, ""))
+    ]
 
 
 def gains(split: SplitLogits) -> torch.Tensor:

@@ -32,12 +32,22 @@ from safetensors.torch import load_file, save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from rule_dev import SPEEDUPS, TAUS, baseline_curves, curve, cuts, first_exit, gap_to_best, shipped_gate_settings  # noqa: E402
-from training_runs import DEFAULT_SCHEME, MAX_LENGTH, PLANS, finished, load_run, plan_runs  # noqa: E402
+from rule_dev import (  # noqa: E402
+    SPEEDUPS,
+    TAUS,
+    baseline_curves,
+    curve,
+    cuts,
+    features,
+    first_exit,
+    gap_to_best,
+    shipped_gate_settings,
+)
+from training_runs import DEFAULT_SCHEME, MAX_LENGTH, PLANS, finished, load_run, models_dir, plan_runs  # noqa: E402
 
 from badge import MultiExitModel  # noqa: E402
-from badge.data import default_cache_dir, load_named_dataset, sample  # noqa: E402
-from badge.gate import gate_features  # noqa: E402
+from badge.checkpoints import BEST  # noqa: E402
+from badge.data import load_named_dataset, sample  # noqa: E402
 from badge.logits import split_logits  # noqa: E402
 
 VARIANTS = {"gate": None, "+hidden": (None, 0.003), "+hidden PCA 4": (4, 1.0), "+hidden PCA 16": (16, 1.0)}
@@ -48,7 +58,7 @@ def exit_inputs(model_dir: Path, dataset: str, stored_logits: torch.Tensor) -> t
     """(N, E, d) the vector each exit reads, on the validation split, computed once and kept beside the model."""
     path = model_dir / INPUTS_FILE
     if not path.is_file():
-        model = MultiExitModel.from_pretrained(model_dir / "best").eval()
+        model = MultiExitModel.from_pretrained(model_dir / BEST).eval()
         captured: dict[int, list[torch.Tensor]] = {}
         for layer in model.exit_layers:
             model.exits[str(layer)].register_forward_pre_hook(
@@ -74,12 +84,9 @@ def scores(fit_logits, fit_hidden, eval_logits, eval_hidden, components: int | N
     from sklearn.preprocessing import StandardScaler
 
     final = fit_logits[:, -1].argmax(-1)
-    fit_state: dict = {}
-    eval_state: dict = {}
     out = []
-    for position in range(fit_logits.shape[1] - 1):
-        fit_base, fit_state = gate_features(fit_logits[:, position], fit_state)
-        eval_base, eval_state = gate_features(eval_logits[:, position], eval_state)
+    gate_columns = zip(features(fit_logits, ""), features(eval_logits, ""), strict=True)
+    for position, (fit_base, eval_base) in enumerate(gate_columns):
         fit_vec, eval_vec = fit_hidden[:, position].double().numpy(), eval_hidden[:, position].double().numpy()
         if components is not None:
             pca = PCA(components, random_state=0).fit(fit_vec)
@@ -117,17 +124,19 @@ def compare(split, hidden: torch.Tensor) -> dict[str, dict[float, float]]:
 
 
 def main() -> None:
-    models = default_cache_dir() / "benchmark-models" / "v2"
     runs = [r for r in plan_runs(PLANS["v2"]) if r.scheme == DEFAULT_SCHEME and finished(HERE / "runs", r)]
-    present = [r for r in runs if (models / r.name / "best").is_dir()]
+    present = [r for r in runs if (models_dir("v2", r.name) / BEST).is_dir()]
     missing = [r.name for r in runs if r not in present]
     if not present:
-        raise SystemExit(f"none of the {len(runs)} finished {DEFAULT_SCHEME} runs has its model in {models}")
+        raise SystemExit(
+            f"none of the {len(runs)} finished {DEFAULT_SCHEME} runs has its model in {models_dir('v2', '')}"
+        )
     results = {}
     for run in present:
         print(f"{run.name} ...", flush=True)
         validation = load_run(HERE / "runs", run)["validation"]
-        results[run.name] = compare(validation, exit_inputs(models / run.name, run.dataset, validation.exit_logits))
+        hidden = exit_inputs(models_dir("v2", run.name), run.dataset, validation.exit_logits)
+        results[run.name] = compare(validation, hidden)
     lines = [
         "# A learned exit predictor that reads the hidden vector, on validation halves",
         "",

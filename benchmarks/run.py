@@ -92,6 +92,11 @@ def scheme_scores(runs_dir: Path, plan: dict, dataset: str, scheme: str) -> tupl
     return done, [exit_scores(load_run(runs_dir, r)["test"]) for r in done]
 
 
+def mean_and_final(per_seed: list[torch.Tensor]) -> dict[str, list[Scorer]]:
+    """Per seed, the per-text scores of the mean over exits and of the final exit, from each (E, N) correctness."""
+    return {"mean": [per_text(s.mean(0)) for s in per_seed], "final": [per_text(s[-1]) for s in per_seed]}
+
+
 def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
     """Per scheme: per-exit test accuracy (mean over seeds), mean over exits, final exit; differences with intervals."""
     schemes = plan["schemes"] + (plan["ablation"] if dataset == plan["datasets"][0] else [])
@@ -101,10 +106,7 @@ def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
         done, per_seed = scheme_scores(runs_dir, plan, dataset, scheme)
         if not done:
             continue
-        scores[scheme] = {
-            "mean": [per_text(s.mean(0)) for s in per_seed],
-            "final": [per_text(s[-1]) for s in per_seed],
-        }
+        scores[scheme] = mean_and_final(per_seed)
         exits = torch.stack([s.mean(1) for s in per_seed]).mean(0)  # (E,)
         rows[scheme] = {
             "seeds": [r.seed for r in done],
@@ -129,20 +131,17 @@ def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
 def ablation_section(runs_dir: Path, plan: dict) -> list[dict]:
     """Each ingredient of the default alone (`ABLATION_CONTRASTS`) on the first dataset: a - b in mean over exits and
     final exit, over the seeds both schemes have, with intervals."""
-    dataset = plan["datasets"][0]
+    planned = set(plan["schemes"] + plan["ablation"])
+    named = {scheme for a, b, _ in ABLATION_CONTRASTS for scheme in (a, b)} & planned
+    scores = {scheme: scheme_scores(runs_dir, plan, plan["datasets"][0], scheme)[1] for scheme in named}
+    scores = {scheme: mean_and_final(per_seed) for scheme, per_seed in scores.items() if per_seed}
     out = []
     for a, b, isolates in ABLATION_CONTRASTS:
-        if a not in plan["schemes"] + plan["ablation"] or b not in plan["schemes"] + plan["ablation"]:
-            continue
-        (_, scores_a), (_, scores_b) = (scheme_scores(runs_dir, plan, dataset, scheme) for scheme in (a, b))
-        if not scores_a or not scores_b:
-            continue
-        row = {"a": a, "b": b, "isolates": isolates, "seeds": min(len(scores_a), len(scores_b))}
-        for key, pick in (("mean", lambda s: s.mean(0)), ("final", lambda s: s[-1])):
-            row[key] = paired_difference(
-                [per_text(pick(s)) for s in scores_a], [per_text(pick(s)) for s in scores_b], plan["resamples"]
-            )
-        out.append(row)
+        if a in scores and b in scores:
+            row = {"a": a, "b": b, "isolates": isolates, "seeds": min(len(scores[a]["mean"]), len(scores[b]["mean"]))}
+            for key in ("mean", "final"):
+                row[key] = paired_difference(scores[a][key], scores[b][key], plan["resamples"])
+            out.append(row)
     return out
 
 

@@ -39,14 +39,16 @@ from training_runs import (  # noqa: E402
     finished,
     load_run,
     machine,
+    models_dir,
     plan_runs,
     store_run,
     train_cached,
 )
 
 from badge import MultiExitModel  # noqa: E402
+from badge.checkpoints import BEST  # noqa: E402
 from badge.comparison import SplitLogits  # noqa: E402
-from badge.data import default_cache_dir, load_named_dataset, sample  # noqa: E402
+from badge.data import load_named_dataset, sample  # noqa: E402
 from badge.encoders import minilm_l6_dir  # noqa: E402
 from badge.report import fmt_difference  # noqa: E402
 from badge.training import DEFAULT_SCHEME  # noqa: E402
@@ -87,7 +89,7 @@ def cut_encoder(depth: int, into: Path, source: Path | None = None) -> Path:
 def train_depth(depth: int, seed: int, runs_dir: Path) -> None:
     """Fine-tune the `depth`-layer cut alone (resuming its checkpoint), then store its validation and test logits."""
     name = run_name(depth, seed)
-    models = default_cache_dir() / "benchmark-models" / "depth" / name
+    models = models_dir("depth", name)
     splits = load_named_dataset(DATASET, split_seed=0, quiet=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,7 +105,7 @@ def train_depth(depth: int, seed: int, runs_dir: Path) -> None:
             MAX_LENGTH[DATASET],
             seed,
         )
-    model = MultiExitModel.from_pretrained(models / "best").eval()
+    model = MultiExitModel.from_pretrained(models / BEST).eval()
     record = {
         "dataset": DATASET,
         "depth": depth,

@@ -130,6 +130,11 @@ def plan_runs(plan: dict) -> list[Run]:
     return runs
 
 
+def models_dir(plan_name: str, name: str) -> Path:
+    """Where a benchmark run's weights (`best`) and resumable checkpoint live: `$BADGE_CACHE/benchmark-models/...`."""
+    return default_cache_dir() / "benchmark-models" / plan_name / name
+
+
 def run_folder(runs_dir: Path, run: Run) -> Path:
     return runs_dir / run.name
 
@@ -206,7 +211,7 @@ def store_run(
 
 def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | None) -> None:
     """Train one run (resuming its checkpoint if any), then store its logits on validation and test."""
-    models = default_cache_dir() / "benchmark-models" / plan_name / run.name
+    models = models_dir(plan_name, run.name)
     splits = load_named_dataset(run.dataset, split_seed=0, quiet=True)
     scheme, options = SCHEMES[run.scheme]
     backbone = minilm_l6_dir() if run.backbone == "minilm" else mpnet_base_dir()
@@ -223,7 +228,7 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
         MAX_LENGTH[run.dataset],
         run.seed,
     )
-    model = MultiExitModel.from_pretrained(models / "best").eval()
+    model = MultiExitModel.from_pretrained(models / BEST).eval()
     record = {
         **asdict(run),
         "name": run.name,
