@@ -274,11 +274,12 @@ def test_export_then_evaluate_predict_with_the_onnx_engine(trained, review_files
     assert wrong.exit_code == 2 and "badge export" in wrong.output
 
 
-def test_evaluate_reports_the_int8_metric_next_to_the_float_one(trained, review_files) -> None:
+@pytest.mark.parametrize("mode", ["int8", "int8-mixed"])
+def test_evaluate_reports_the_int8_metric_next_to_the_float_one(trained, review_files, mode) -> None:
     best, _ = trained
-    result = runner.invoke(app, ["evaluate", str(best), "--quantize", "int8", "--data", str(review_files["test"])])
+    result = runner.invoke(app, ["evaluate", str(best), "--quantize", mode, "--data", str(review_files["test"])])
     assert result.exit_code == 0, result.output
-    assert "torch int8" in result.output
+    assert f"torch {mode}" in result.output
 
 
 def test_prune_saves_a_smaller_model_that_reloads(trained, review_files, tmp_path) -> None:

@@ -204,9 +204,61 @@ def test_quantize_torch_makes_an_int8_copy_that_early_exits(model, inputs) -> No
     assert (answered.probs - expected.probs).abs().max() < 0.05
 
 
+def test_int8_mixed_keeps_only_each_ffn_output_projection_float(model, inputs) -> None:
+    quantized = quantize_torch(model, "int8-mixed")
+    linears = {
+        name: module
+        for name, module in quantized.named_modules()
+        if name.startswith("encoder.") and isinstance(module, (nn.Linear, Int8Linear))
+    }
+    kept = sorted(name for name, module in linears.items() if not isinstance(module, Int8Linear))
+    assert kept == [f"encoder.encoder.layer.{i}.output.dense" for i in range(4)]  # the FFN down-projections
+    assert len(linears) - len(kept) == 5 * 4
+    ids, mask = inputs
+    answered = EarlyExitEngine(quantized, batch_size=16).run(ids, mask)
+    expected = EarlyExitEngine(model, batch_size=16).run(ids, mask)
+    assert (answered.probs - expected.probs).abs().max() < 0.05
+
+
+def outlier_model(tiny_encoder) -> MultiExitModel:
+    """A tiny model with one FFN activation channel per layer 60 times larger than the rest (and its output weights
+    60 times smaller, so the float model is unchanged in kind): the outliers real encoders have there."""
+    torch.manual_seed(3)
+    built = MultiExitModel.from_encoder(tiny_encoder, label_names=["a", "b", "c"], pooling="mean")
+    with torch.no_grad():
+        for layer in built.encoder.encoder.layer:
+            layer.intermediate.dense.weight[0] *= 60
+            layer.intermediate.dense.bias[0] = 60.0
+            layer.output.dense.weight[:, 0] /= 60
+    return spread_exits(built)
+
+
+def test_int8_mixed_survives_ffn_outliers_that_int8_rounds_away(tiny_encoder, inputs, tmp_path) -> None:
+    built = outlier_model(tiny_encoder)
+    ids, mask = inputs
+    with torch.no_grad():
+        reference = built(input_ids=ids, attention_mask=mask).logits
+
+        def error(network: MultiExitModel) -> float:
+            return float((network(input_ids=ids, attention_mask=mask).logits - reference).abs().mean())
+
+        full, mixed = error(quantize_torch(built, "int8")), error(quantize_torch(built, "int8-mixed"))
+    assert mixed < full / 3, (mixed, full)
+    # the ONNX export keeps the same layers float: its FFN output projection stays a float MatMul
+    for mode, float_matmuls in (("int8", 0), ("int8-mixed", 1)):
+        graph = onnx.load(str(export_onnx(built, tmp_path / mode, quantize=mode) / "layer_1.onnx")).graph
+        ops = [node.op_type for node in graph.node]
+        assert ops.count("MatMulInteger") == 6 - float_matmuls
+        weights = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
+        float_weights = [weights[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        assert float_weights == [(64, 32)] * float_matmuls  # intermediate -> hidden
+
+
 def test_unknown_quantisation_is_a_clear_error(model, tmp_path) -> None:
     with pytest.raises(ValueError, match="quantize 'int4' is not one of"):
         export_onnx(model, tmp_path / "x", quantize="int4")
+    with pytest.raises(ValueError, match="quantize 'int8-all' is not one of"):
+        quantize_torch(model, "int8-all")
 
 
 @pytest.mark.parametrize("policy", [ExitPolicy("entropy", tau=0.9), ExitPolicy("dge", tau=0.05)], ids=str)

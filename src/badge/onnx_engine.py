@@ -172,7 +172,8 @@ def export_onnx(model_or_dir: MultiExitModel | str | Path, out_dir: str | Path, 
         model_or_dir: a `MultiExitModel` (switched to eval mode) or the folder of a saved one.
         out_dir: the folder to write: its export files are replaced one by one, other files kept; a model
             folder (the source included) is refused with `FolderError`.
-        quantize: None (float32) or `int8` (dynamic int8 weights in the layer graphs; exits stay float).
+        quantize: None (float32), `int8` or `int8-mixed` (dynamic int8 weights in the layer graphs, see
+            `badge.quantize`; exits stay float).
     Returns:
         `out_dir` as a Path.
     """
@@ -217,8 +218,8 @@ def _export_pieces(model: MultiExitModel, folder: Path, quantize: str | None) ->
     for layer in range(1, model.num_layers + 1):
         name = f"layer_{layer}.onnx"
         _export_graph(_Layer(model, layer), piece_inputs, "layer_output", folder / name)
-        if quantize == "int8":
-            quantize_onnx(folder / name, folder / name)
+        if quantize is not None:
+            quantize_onnx(folder / name, folder / name, quantize)
         layers.append(name)
         if layer in model.exit_layers:
             exits[str(layer)] = f"exit_{layer}.onnx"

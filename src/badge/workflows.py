@@ -209,11 +209,13 @@ def engine_report(
     except ValueError as error:
         raise UsageError(str(error)) from error
     if quantize is not None and engine_name == "onnx":
-        raise UsageError("--quantize applies to the torch engine; for ONNX use badge export --quantize int8")
+        raise UsageError("--quantize applies to the torch engine; for ONNX use badge export --quantize")
     engine = load_engine(model_dir, engine_name, None, batch_size)
     variants = [(engine_name, engine)]
     if quantize is not None:
-        variants.append((f"torch {quantize}", EarlyExitEngine(quantize_torch(engine.model), batch_size=batch_size)))
+        variants.append(
+            (f"torch {quantize}", EarlyExitEngine(quantize_torch(engine.model, quantize), batch_size=batch_size))
+        )
     evaluated, name = labelled_split(
         engine.model, dataset, split, data, text_column, text_pair_column, label_column, split_seed
     )

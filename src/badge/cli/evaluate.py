@@ -82,7 +82,13 @@ def evaluate_command(
     timing_samples: Annotated[int, typer.Option(help="examples timed per setting")] = 256,
     repeats: Annotated[int, typer.Option(help="timing repeats (the median is reported)")] = 5,
     engine_name: EngineOption = "torch",
-    quantize: Annotated[str | None, typer.Option(help="int8: also run the torch model with int8 linear layers")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8 or int8-mixed: also run the torch model with int8 linear layers (int8-mixed keeps each FFN "
+            "output projection in float: slower than int8, far closer to the float model)"
+        ),
+    ] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
 ) -> None:
@@ -153,7 +159,13 @@ def export_command(
     model_dir: Annotated[Path, typer.Argument(help="a saved BADGE model folder")],
     out_dir: Annotated[Path, typer.Argument(help="folder for the ONNX graphs and manifest.json")],
     format: Annotated[str, typer.Option("--format", help="export format (onnx)")] = "onnx",
-    quantize: Annotated[str | None, typer.Option(help="int8: dynamic int8 quantisation of the layers")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="int8 or int8-mixed: dynamic int8 quantisation of the layers (int8-mixed keeps each FFN "
+            "output projection in float: slower than int8, far closer to the float model)"
+        ),
+    ] = None,
 ) -> None:
     """Export as separate ONNX graphs (embeddings, each layer, each exit) that the ONNX engine runs layer by layer."""
     require_extra("onnx", "badge export")
