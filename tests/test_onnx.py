@@ -16,7 +16,7 @@ from badge.exit_model import ExitModel
 from badge.gate import fit_gate
 from badge.onnx_engine import OnnxEarlyExitEngine, OnnxMultiExitModel, export_onnx, load_engine
 from badge.pruning import prune_heads
-from badge.quantize import quantize_torch
+from badge.quantize import quantize_onnx, quantize_torch
 from badge.training import DEFAULT_SCHEME, scheme_model_options
 
 POLICY = {"rule": "dge", "tau": 0.05}
@@ -233,7 +233,7 @@ def outlier_model(tiny_encoder) -> MultiExitModel:
     return spread_exits(built)
 
 
-def test_int8_mixed_survives_ffn_outliers_that_int8_rounds_away(tiny_encoder, inputs, tmp_path) -> None:
+def test_int8_mixed_survives_ffn_outliers_that_int8_rounds_away(tiny_encoder, inputs) -> None:
     built = outlier_model(tiny_encoder)
     ids, mask = inputs
     with torch.no_grad():
@@ -244,9 +244,13 @@ def test_int8_mixed_survives_ffn_outliers_that_int8_rounds_away(tiny_encoder, in
 
         full, mixed = error(quantize_torch(built, "int8")), error(quantize_torch(built, "int8-mixed"))
     assert mixed < full / 3, (mixed, full)
-    # the ONNX export keeps the same layers float: its FFN output projection stays a float MatMul
+
+
+def test_onnx_int8_mixed_keeps_the_same_layers_float(exported, tmp_path) -> None:
+    """A layer graph quantised as `badge export --quantize` does: only the FFN output projection stays float."""
     for mode, float_matmuls in (("int8", 0), ("int8-mixed", 1)):
-        graph = onnx.load(str(export_onnx(built, tmp_path / mode, quantize=mode) / "layer_1.onnx")).graph
+        quantize_onnx(exported / "layer_1.onnx", tmp_path / f"{mode}.onnx", mode)
+        graph = onnx.load(str(tmp_path / f"{mode}.onnx")).graph
         ops = [node.op_type for node in graph.node]
         assert ops.count("MatMulInteger") == 6 - float_matmuls
         weights = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
