@@ -75,7 +75,9 @@ PLANS = {
     "v2": {
         "datasets": ["rotten-tomatoes", "tweet-sentiment", "reuters-r8"],
         "seeds": [0, 1, 2],
-        "schemes": [DEFAULT_SCHEME, "joint", "single_exit"],
+        # bb2_distill_w09 led the default on rotten-tomatoes validation (82.65 against 82.46 mean over exits, 3 seeds),
+        # so it is trained on every dataset before the default may change
+        "schemes": [DEFAULT_SCHEME, "joint", "single_exit", "bb2_distill_w09"],
         # each ingredient alone, on the first dataset, after the main comparison and MPNet
         "ablation": [
             "bb",
@@ -84,7 +86,6 @@ PLANS = {
             "bb2_distill_flat",
             "bb_distill",
             "bb2_distill_uniform",
-            "bb2_distill_w09",
         ],
         "train_samples": 6000,
         "epochs": 3.0,
