@@ -163,3 +163,41 @@ def test_the_ablation_pairs_schemes_that_differ_in_one_ingredient_over_the_seeds
         expected = 10.0 * (correct_texts[a] - correct_texts[b])  # points
         assert row["mean"][0] == pytest.approx(expected) and row["final"][0] == pytest.approx(expected)
         assert row["mean"][1] <= expected <= row["mean"][2]
+
+
+def test_the_training_table_compares_each_scheme_with_the_default_on_validation_not_test(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    plan = {
+        "datasets": ["rotten-tomatoes"],
+        "seeds": [0, 1],
+        "schemes": [run_report.DEFAULT_SCHEME, "joint"],
+        "ablation": [],
+        "train_samples": 8,
+        "epochs": 1.0,
+        "mpnet": None,
+        "resamples": 200,
+    }
+    labels = torch.zeros(10, dtype=torch.long)
+    right, wrong = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    # texts every exit gets right, on (validation, test): joint is behind on validation and ahead on test
+    correct_texts = {run_report.DEFAULT_SCHEME: (7, 5), "joint": (4, 9)}
+
+    def exits(correct: int) -> torch.Tensor:
+        return torch.stack([right if i < correct else wrong for i in range(10)])[:, None].repeat(1, 2, 1)
+
+    for run in run_report.plan_runs(plan):
+        folder = tmp_path / run.name
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps({"exit_layers": [1, 2]}))
+        validation, test = (exits(c) for c in correct_texts[run.scheme])
+        tensors = {"validation_logits": validation, "validation_labels": labels, "test_logits": test}
+        save_file({**tensors, "test_labels": labels.clone()}, folder / "logits.safetensors")
+    rows = run_report.training_section(tmp_path, plan, "rotten-tomatoes")
+    assert rows["joint"]["validation_mean_exit_metric"] == pytest.approx(40.0)
+    assert rows["joint"]["mean_exit_metric"] == pytest.approx(90.0)
+    diff, low, high = rows["joint"]["validation_vs_default_mean"]
+    assert diff == pytest.approx(-30.0) and low <= -30.0 <= high
+    assert "validation_vs_default_mean" not in rows[run_report.DEFAULT_SCHEME]
