@@ -128,21 +128,26 @@ def test_the_hidden_gate_learns_agreement_that_only_the_hidden_vector_shows() ->
         assert p[held_agrees, 0].mean() > 0.7 > 0.3 > p[~held_agrees, 0].mean()
 
 
-def test_the_ablation_pairs_schemes_that_differ_in_one_ingredient_over_the_seeds_both_have(tmp_path: Path) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
-    plan = {
+def tiny_plan(schemes: list[str], ablation: list[str]) -> dict:
+    """A two-seed plan on rotten-tomatoes whose runs the tests write by hand."""
+    return {
         "datasets": ["rotten-tomatoes"],
         "seeds": [0, 1],
-        "schemes": ["joint"],
-        "ablation": ["bb", "bb2"],
+        "schemes": schemes,
+        "ablation": ablation,
         "train_samples": 8,
         "epochs": 1.0,
         "mpnet": None,
         "resamples": 200,
     }
+
+
+def test_the_ablation_pairs_schemes_that_differ_in_one_ingredient_over_the_seeds_both_have(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    plan = tiny_plan(["joint"], ["bb", "bb2"])
     labels = torch.zeros(10, dtype=torch.long)
     right, wrong = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
     correct_texts = {"joint": 5, "bb": 4, "bb2": 8}  # texts every exit gets right; the others every exit gets wrong
@@ -170,16 +175,7 @@ def test_the_training_table_compares_each_scheme_with_the_default_on_validation_
 
     from safetensors.torch import save_file
 
-    plan = {
-        "datasets": ["rotten-tomatoes"],
-        "seeds": [0, 1],
-        "schemes": [run_report.DEFAULT_SCHEME, "joint"],
-        "ablation": [],
-        "train_samples": 8,
-        "epochs": 1.0,
-        "mpnet": None,
-        "resamples": 200,
-    }
+    plan = tiny_plan([run_report.DEFAULT_SCHEME, "joint"], [])
     labels = torch.zeros(10, dtype=torch.long)
     right, wrong = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
     # texts every exit gets right, on (validation, test): joint is behind on validation and ahead on test
