@@ -79,7 +79,7 @@ def main() -> None:
     rows, timing = [], []
     for run in tqdm(cached, desc="models"):
         model = MultiExitModel.from_pretrained(models_dir(args.plan, run.name) / BEST).eval()
-        test = sample(load_named_dataset(run.dataset, split_seed=0, quiet=True)["test"], None, 0)
+        test = load_named_dataset(run.dataset, split_seed=0, quiet=True)["test"]  # the whole split, as the plan stored
         stored = load_run(HERE / "runs", run)["test"]
         networks = variants(model)
         key = (run.dataset, run.backbone)

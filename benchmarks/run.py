@@ -85,11 +85,15 @@ def paired_difference(a: list[Scorer], b: list[Scorer], resamples: int) -> tuple
     return diff, low, high
 
 
-def scheme_scores(runs_dir: Path, plan: dict, dataset: str, scheme: str) -> tuple[list[Run], list[torch.Tensor]]:
-    """A scheme's finished MiniLM runs on `dataset`, by seed, and each one's per-exit test correctness (E, N)."""
+def scheme_scores(
+    runs_dir: Path, plan: dict, dataset: str, scheme: str
+) -> tuple[list[Run], dict[str, list[torch.Tensor]]]:
+    """A scheme's finished MiniLM runs on `dataset`, by seed, and per split ("validation", "test") each one's
+    per-exit correctness (E, N); every run's logits are read once."""
     done = [r for r in plan_runs(plan) if r.dataset == dataset and r.backbone == "minilm" and r.scheme == scheme]
     done = [r for r in done if finished(runs_dir, r)]
-    return done, [exit_scores(load_run(runs_dir, r)["test"]) for r in done]
+    splits = [load_run(runs_dir, r) for r in done]
+    return done, {split: [exit_scores(s[split]) for s in splits] for split in ("validation", "test")}
 
 
 def mean_and_final(per_seed: list[torch.Tensor]) -> dict[str, list[Scorer]]:
@@ -104,12 +108,13 @@ def training_section(runs_dir: Path, plan: dict, dataset: str) -> dict:
     scores: dict[str, dict[str, list[Scorer]]] = {}
     validation_scores: dict[str, list[Scorer]] = {}
     for scheme in schemes:
-        done, per_seed = scheme_scores(runs_dir, plan, dataset, scheme)
+        done, per_split = scheme_scores(runs_dir, plan, dataset, scheme)
         if not done:
             continue
+        per_seed = per_split["test"]
         scores[scheme] = mean_and_final(per_seed)
         exits = torch.stack([s.mean(1) for s in per_seed]).mean(0)  # (E,)
-        validation_scores[scheme] = [per_text(exit_scores(load_run(runs_dir, r)["validation"]).mean(0)) for r in done]
+        validation_scores[scheme] = mean_and_final(per_split["validation"])["mean"]
         rows[scheme] = {
             "seeds": [r.seed for r in done],
             # what chooses between schemes
@@ -142,7 +147,7 @@ def ablation_section(runs_dir: Path, plan: dict) -> list[dict]:
     final exit, over the seeds both schemes have, with intervals."""
     planned = set(plan["schemes"] + plan["ablation"])
     named = {scheme for a, b, _ in ABLATION_CONTRASTS for scheme in (a, b)} & planned
-    scores = {scheme: scheme_scores(runs_dir, plan, plan["datasets"][0], scheme)[1] for scheme in named}
+    scores = {scheme: scheme_scores(runs_dir, plan, plan["datasets"][0], scheme)[1]["test"] for scheme in named}
     scores = {scheme: mean_and_final(per_seed) for scheme, per_seed in scores.items() if per_seed}
     out = []
     for a, b, isolates in ABLATION_CONTRASTS:

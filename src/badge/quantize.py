@@ -100,10 +100,9 @@ def _float_nodes(source: Path, mode: str) -> list[str]:
     if mode == "int8":
         return []
     import onnx
-    from onnx import numpy_helper
 
     graph = onnx.load(str(source)).graph
-    weights = {tensor.name: numpy_helper.to_array(tensor).shape for tensor in graph.initializer}
+    weights = {tensor.name: tuple(tensor.dims) for tensor in graph.initializer}
     kept = []
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in weights:

@@ -41,6 +41,11 @@ from badge.workflows import (
     print_exit_table,
 )
 
+# how the two --quantize modes differ (badge.quantize), for evaluate and export
+QUANTIZE_MODES_HELP = (
+    "(int8-mixed keeps each FFN output projection in float: slower than int8, far closer to the float model)"
+)
+
 # Entropy: at matched speedups in benchmarks/RESULTS.md it is level with max-prob on MiniLM-L6 and level with or ahead
 # of the strongest other baseline on MPNet-12, where the gate's validation-chosen settings fell 0.9-1.3 points behind.
 # Tasks it does not apply to (regression) fall back to dge.
@@ -85,8 +90,7 @@ def evaluate_command(
     quantize: Annotated[
         str | None,
         typer.Option(
-            help="int8 or int8-mixed: also run the torch model with int8 linear layers (int8-mixed keeps each FFN "
-            "output projection in float: slower than int8, far closer to the float model)"
+            help=f"int8 or int8-mixed: also run the torch model with int8 linear layers {QUANTIZE_MODES_HELP}"
         ),
     ] = None,
     device: DeviceOption = "auto",
@@ -161,10 +165,7 @@ def export_command(
     format: Annotated[str, typer.Option("--format", help="export format (onnx)")] = "onnx",
     quantize: Annotated[
         str | None,
-        typer.Option(
-            help="int8 or int8-mixed: dynamic int8 quantisation of the layers (int8-mixed keeps each FFN "
-            "output projection in float: slower than int8, far closer to the float model)"
-        ),
+        typer.Option(help=f"int8 or int8-mixed: dynamic int8 quantisation of the layers {QUANTIZE_MODES_HELP}"),
     ] = None,
 ) -> None:
     """Export as separate ONNX graphs (embeddings, each layer, each exit) that the ONNX engine runs layer by layer."""
