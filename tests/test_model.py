@@ -433,3 +433,60 @@ def test_engine_runs_a_token_bypass_model_as_its_forward_pass(packed: bool) -> N
         result = EarlyExitEngine(model, ExitPolicy("static:2"), batch_size=batch_size, packed=packed).run(ids, mask)
         assert result.exit_layers.tolist() == [2] * 20
         torch.testing.assert_close(result.probs, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_pooling_starts_as_mean_pooling_learns_its_own_weights_and_survives_a_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    options = {"backbone": six_layer_backbone(), "num_labels": 3, "bypass_input": "tokens", "gamma_schedule": "depth"}
+    mean = MultiExitModel(MultiExitConfig(**options, pooling="mean")).eval()
+    attention = MultiExitModel(MultiExitConfig(**options, pooling="cls", attention_pooling=True)).eval()
+    assert sorted(attention.poolers) == [str(layer) for layer in range(1, 7)]
+    missing, unexpected = attention.load_state_dict(mean.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("poolers.") for name in missing)
+    for bypass in attention.bypasses.values():
+        torch.nn.init.normal_(bypass.up.weight)
+    mean.load_state_dict({k: v for k, v in attention.state_dict().items() if not k.startswith("poolers.")})
+    hidden = torch.randn(3, 9, 32)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    hidden = hidden * mask[..., None]
+    for layer in (2, 6):  # zero scores: uniform weights over the real tokens, as mean pooling (tokens bypass too)
+        torch.testing.assert_close(attention.exit_logits(layer, hidden, mask), mean.exit_logits(layer, hidden, mask))
+    assert any(p is attention.poolers["1"].score.weight for p in attention.exit_parameters())
+
+    torch.nn.init.normal_(attention.poolers["6"].score.weight)
+    weights = attention.poolers["6"](hidden, mask)  # (B, 1, T)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 1))
+    assert float(weights.detach()[1, 0, 5:].abs().max()) == 0.0  # padding gets no weight
+    assert not torch.allclose(weights[0], torch.full((1, 9), 1 / 9))
+    expected = attention.exits["6"](torch.bmm(weights, hidden).squeeze(1))
+    torch.testing.assert_close(attention.exit_logits(6, hidden, mask), expected)
+    # a precomputed shared pooling (the engine passes one) does not replace the exit's own weights
+    torch.testing.assert_close(attention.exit_logits(6, hidden, mask, attention.pool_weights(mask)), expected)
+
+    attention.save_pretrained(tmp_path / "model")
+    reloaded = MultiExitModel.from_pretrained(tmp_path / "model").eval()
+    assert reloaded.config.attention_pooling
+    torch.testing.assert_close(reloaded.exit_logits(6, hidden, mask), expected)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_engine_runs_an_attention_pooling_model_as_its_forward_pass(packed: bool) -> None:
+    from badge import EarlyExitEngine, ExitPolicy
+
+    torch.manual_seed(0)
+    config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=3, bypass_input="tokens", attention_pooling=True)
+    model = MultiExitModel(config).eval()
+    for module in list(model.bypasses.values()):
+        torch.nn.init.normal_(module.up.weight)
+    for pooler in model.poolers.values():
+        torch.nn.init.normal_(pooler.score.weight)
+    lengths = torch.randint(3, 12, (20,))
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(5, 60, (20, 12)) * mask
+    with torch.no_grad():
+        expected = torch.softmax(model(ids, mask).exit_logits[2], dim=-1)
+    for batch_size in (1, 8):
+        result = EarlyExitEngine(model, ExitPolicy("static:3"), batch_size=batch_size, packed=packed).run(ids, mask)
+        assert result.exit_layers.tolist() == [3] * 20
+        torch.testing.assert_close(result.probs, expected, atol=1e-5, rtol=1e-5)

@@ -44,6 +44,8 @@ class MultiExitConfig(PretrainedConfig):
         gradient_equilibrium: rescale gradients in the backbone so that the gradient every exit's loss sends
             into the hidden states of layer j is divided by the number of exits at or above j (ElasticBERT).
             Each layer's whole gradient is then scaled by one constant, which AdamW (`badge.training`) cancels.
+        attention_pooling: every exit pools the tokens with its own learned weights (a zero-initialised linear
+            score per token, softmax over the real tokens: mean pooling at the start) instead of `pooling`'s.
         classifier_dropout: dropout inside every exit head.
         loss_weights: `uniform`, `ascending` or `descending` weights over exits in the joint loss.
         exit_policy: the default exit rule and its parameters (see `badge.rules`). Saved to `exit_policy.json`
@@ -71,6 +73,7 @@ class MultiExitConfig(PretrainedConfig):
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
         gradient_equilibrium: bool = False,
+        attention_pooling: bool = False,
         classifier_dropout: float = 0.1,
         loss_weights: str = "ascending",
         exit_policy: dict[str, Any] | None = None,
@@ -125,6 +128,7 @@ class MultiExitConfig(PretrainedConfig):
         self.distill_weight = float(distill_weight)
         self.distill_temperature = float(distill_temperature)
         self.gradient_equilibrium = bool(gradient_equilibrium)
+        self.attention_pooling = bool(attention_pooling)
         self.classifier_dropout = float(classifier_dropout)
         self.loss_weights = loss_weights
         self.exit_policy = dict(exit_policy) if exit_policy else dict(DEFAULT_EXIT_POLICY)

@@ -47,6 +47,22 @@ class Bypass(nn.Module):
         return self.up(nn.functional.gelu(self.down(self.norm(x))))  # (B, d)
 
 
+class TokenScore(nn.Module):
+    """An exit's attention pooling: a linear score per token, softmax over the real tokens -> weights (B, 1, T).
+
+    The score starts at zero, so the weights start uniform over the real tokens (mean pooling)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+        self.score.zero_init = True  # read by MultiExitModel._init_weights
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        scores = self.score(hidden).squeeze(-1)  # (B, T)
+        scores = scores.masked_fill(attention_mask == 0, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1).unsqueeze(1)  # (B, 1, T)
+
+
 class ExitHead(nn.Module):
     """Small classifier on a pooled vector: dense + tanh (as BERT's pooler), then a linear layer to the labels."""
 

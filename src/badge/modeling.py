@@ -36,7 +36,7 @@ from badge.attention_heads import apply_heads_kept
 from badge.config import DEFAULT_MAX_SEQ_LENGTH, MultiExitConfig
 from badge.device import resolve_dtype
 from badge.exit_model import AttentionInputs, ExitModel
-from badge.exits import Bypass, ExitHead, damp_gradient
+from badge.exits import Bypass, ExitHead, TokenScore, damp_gradient
 from badge.families import family_for
 from badge.folders import save_folder
 from badge.loading import (
@@ -91,6 +91,10 @@ class MultiExitModel(PreTrainedModel, ExitModel):
         self.exits = nn.ModuleDict(
             {str(layer): ExitHead(hidden, num_labels, config.classifier_dropout) for layer in config.exit_layers}
         )
+        # attention pooling: one zero-initialised token score per exit (uniform weights over real tokens at first)
+        self.poolers = nn.ModuleDict()
+        if config.attention_pooling:
+            self.poolers.update({str(layer): TokenScore(hidden) for layer in config.exit_layers})
         self.bypasses = nn.ModuleDict()
         if config.use_bypass:
             blocks = sorted({config.block_of(layer) for layer in self.intermediate_layers})
@@ -102,8 +106,11 @@ class MultiExitModel(PreTrainedModel, ExitModel):
             layer: str(config.block_of(layer)) if config.use_bypass else None for layer in self.intermediate_layers
         }
         self._exit_gamma = {layer: config.exit_gamma(layer) for layer in self.intermediate_layers}
-        # v2 bypasses read tokens; with [CLS] pooling only the first token is pooled, so that is the pooled vector
-        self._token_bypass = config.use_bypass and config.bypass_input == "tokens" and config.pooling == "mean"
+        # v2 bypasses read tokens; with [CLS] pooling (and no attention pooling) only the first token is pooled,
+        # so that is the pooled vector
+        self._token_bypass = (
+            config.use_bypass and config.bypass_input == "tokens" and (config.pooling == "mean" or config.attention_pooling)
+        )
         self.tokenizer = None
         self.post_init()
 
@@ -141,7 +148,7 @@ class MultiExitModel(PreTrainedModel, ExitModel):
 
     def exit_parameters(self) -> list[nn.Parameter]:
         """Parameters of the exits and bypasses (new, randomly initialised: trained with their own rate)."""
-        return list(self.exits.parameters()) + list(self.bypasses.parameters())
+        return list(self.exits.parameters()) + list(self.poolers.parameters()) + list(self.bypasses.parameters())
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -223,21 +230,28 @@ class MultiExitModel(PreTrainedModel, ExitModel):
         pool_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, K) of the exit after 1-based `layer`; pass `pool_weights` when they are already at hand."""
-        if pool_weights is None:
+        key = str(layer)
+        if key in self.poolers:  # this exit's own token weights, from the states it pools
+            pool_weights = None
+        elif pool_weights is None:
             pool_weights = self.pool_weights(attention_mask, hidden.dtype)  # (B, 1, T)
         bypass = self._exit_bypass.get(layer)
         if bypass is not None and self._token_bypass:  # v2: adapter on every token, then pooling
             if torch.is_grad_enabled():
                 hidden = damp_gradient(hidden, self._exit_gamma[layer])
-            pooled = torch.bmm(pool_weights, hidden + self.bypasses[bypass](hidden)).squeeze(1)  # (B, d)
-            return self.exits[str(layer)](pooled)
+            hidden = hidden + self.bypasses[bypass](hidden)
+            if pool_weights is None:
+                pool_weights = self.poolers[key](hidden, attention_mask)
+            return self.exits[key](torch.bmm(pool_weights, hidden).squeeze(1))  # pooled (B, d)
+        if pool_weights is None:
+            pool_weights = self.poolers[key](hidden, attention_mask)
         pooled = torch.bmm(pool_weights, hidden).squeeze(1)  # (B, d)
         if layer in self._exit_bypass:  # an intermediate exit
             if torch.is_grad_enabled():
                 pooled = damp_gradient(pooled, self._exit_gamma[layer])
             if bypass is not None:
                 pooled = pooled + self.bypasses[bypass](pooled)
-        return self.exits[str(layer)](pooled)
+        return self.exits[key](pooled)
 
     # ----- training forward ------------------------------------------------------------------
     def forward(
