@@ -325,14 +325,17 @@ def test_train_options_for_distillation_and_bypass_v2_reach_config_json(tiny_enc
             "--gamma",
             "0.2",
             "--gradient-equilibrium",
+            "--attention-pooling",
         ],
     )
     assert result.exit_code == 0, result.output
     assert "self-distillation 0.3 at T 3.0, gradient equilibrium" in result.output
+    assert "pooling attention" in result.output
     config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     expected = {"bypass_input": "tokens", "gamma_schedule": "depth", "gamma": 0.2, "distill_weight": 0.3}
     assert {key: config[key] for key in expected} == expected
     assert config["distill_temperature"] == 3.0 and config["gradient_equilibrium"] is True
+    assert config["attention_pooling"] is True
     result = runner.invoke(app, [*common, "--output", str(tmp_path / "bad"), "--distill-weight", "2"])
     assert result.exit_code == 2 and "distill_weight 2.0 must lie in [0, 1]" in result.output
 

@@ -239,12 +239,13 @@ def test_bb_v1_settings_are_the_defaults_and_an_old_config_reads_as_v1(tmp_path)
     config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=2)
     v1 = (True, "pooled", "constant", 0.3)
     assert (config.use_bypass, config.bypass_input, config.gamma_schedule, config.gamma) == v1
-    assert (config.distill_weight, config.gradient_equilibrium) == (0.0, False)
+    assert (config.distill_weight, config.gradient_equilibrium, config.attention_pooling) == (0.0, False, False)
     assert [config.exit_gamma(layer) for layer in range(1, 6)] == [0.3] * 5
     # A config.json written before these settings existed loads with the v1 values.
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    for key in ("bypass_input", "gamma_schedule", "distill_weight", "distill_temperature", "gradient_equilibrium"):
+    later = ("bypass_input", "gamma_schedule", "distill_weight", "distill_temperature", "gradient_equilibrium")
+    for key in (*later, "attention_pooling"):
         saved.pop(key)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     old = MultiExitConfig.from_pretrained(tmp_path)
@@ -254,6 +255,7 @@ def test_bb_v1_settings_are_the_defaults_and_an_old_config_reads_as_v1(tmp_path)
         0.0,
         False,
     )
+    assert not old.attention_pooling and not MultiExitModel(old).poolers
 
 
 def test_bb_v1_exit_is_head_of_pooled_plus_bypass_of_pooled() -> None:
@@ -453,6 +455,8 @@ def test_attention_pooling_starts_as_mean_pooling_learns_its_own_weights_and_sur
     for layer in (2, 6):  # zero scores: uniform weights over the real tokens, as mean pooling (tokens bypass too)
         torch.testing.assert_close(attention.exit_logits(layer, hidden, mask), mean.exit_logits(layer, hidden, mask))
     assert any(p is attention.poolers["1"].score.weight for p in attention.exit_parameters())
+    per_exit = count_flops(mean, seq_len=64).per_exit_head, count_flops(attention, seq_len=64).per_exit_head
+    assert per_exit[0] < per_exit[1] < count_flops(attention, seq_len=64).per_layer / 50  # a score per token
 
     torch.nn.init.normal_(attention.poolers["6"].score.weight)
     weights = attention.poolers["6"](hidden, mask)  # (B, 1, T)

@@ -284,17 +284,26 @@ def test_a_single_row_runs_its_own_lean_graph_with_the_same_answers(exported, in
     assert len({layers.item() for _, layers in by_one}) > 1  # the rows leave at different exits
 
 
-@pytest.mark.parametrize("graph", ["one", "layers"])
-def test_the_default_v2_model_exports_and_answers_as_the_pytorch_engine(tiny_encoder, inputs, tmp_path, graph) -> None:
-    """The default scheme's bypass adapter runs on every token before pooling: the export must carry it."""
+@pytest.mark.parametrize(("graph", "attention_pooling"), [("one", False), ("layers", False), ("one", True)])
+def test_the_default_v2_model_exports_and_answers_as_the_pytorch_engine(
+    tiny_encoder, inputs, tmp_path, graph, attention_pooling
+) -> None:
+    """The default scheme's bypass adapter runs on every token before pooling (and, with attention pooling, each
+    exit weighs the tokens itself): the export must carry both."""
     torch.manual_seed(0)
     options = scheme_model_options(DEFAULT_SCHEME)
     assert options["bypass_input"] == "tokens"
     v2 = spread_exits(
         MultiExitModel.from_encoder(
-            tiny_encoder, label_names=["negative", "neutral", "positive"], exit_layers=[1, 3], **options
+            tiny_encoder,
+            label_names=["negative", "neutral", "positive"],
+            exit_layers=[1, 3],
+            attention_pooling=attention_pooling,
+            **options,
         )
     )
+    for pooler in v2.poolers.values():
+        torch.nn.init.normal_(pooler.score.weight)
     policy = ExitPolicy(**POLICY)
     exported = export_onnx(v2, tmp_path / "export")
     onnx_engine = OnnxEarlyExitEngine(exported, policy, batch_size=16, graph=graph)

@@ -63,6 +63,8 @@ def count_flops(model: MultiExitModel, seq_len: int = 128) -> FlopCount:
     )
     k = model.config.num_labels
     pool = t * d if model.config.pooling == "mean" else 0
+    if model.config.attention_pooling:  # a score per token (2d), its softmax (~5 per token), the weighted sum
+        pool = 2 * t * d + 5 * t + 2 * t * d
     per_exit_head = pool + 2 * d * d + 2 * d * k
     r = model.config.bypass_dim
     per_bypass = 2 * d * r * 2 + 5 * d  # down, up, layer norm

@@ -108,9 +108,8 @@ class MultiExitModel(PreTrainedModel, ExitModel):
         self._exit_gamma = {layer: config.exit_gamma(layer) for layer in self.intermediate_layers}
         # v2 bypasses read tokens; with [CLS] pooling (and no attention pooling) only the first token is pooled,
         # so that is the pooled vector
-        self._token_bypass = (
-            config.use_bypass and config.bypass_input == "tokens" and (config.pooling == "mean" or config.attention_pooling)
-        )
+        pools_tokens = config.pooling == "mean" or config.attention_pooling
+        self._token_bypass = config.use_bypass and config.bypass_input == "tokens" and pools_tokens
         self.tokenizer = None
         self.post_init()
 

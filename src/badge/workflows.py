@@ -85,9 +85,10 @@ def run_training(
     except (CheckpointError, ValueError) as error:
         raise UsageError(str(error)) from error
     max_length_for(model, args.max_length)  # within the encoder's positions, before any work
+    pooling = "attention" if model.config.attention_pooling else model.config.pooling
     console.print(
         f"[bold]{encoder}[/]: {model.family}, {model.num_layers} layers, exits after {model.exit_layers}, "
-        f"pooling {model.config.pooling}, bypass {'on' if model.config.use_bypass else 'off'} "
+        f"pooling {pooling}, bypass {'on' if model.config.use_bypass else 'off'} "
         f"(block {model.config.block_size}, r {model.config.bypass_dim}, gamma {model.config.gamma}, "
         f"{model.config.bypass_input} input, {model.config.gamma_schedule} damper), "
         f"self-distillation {model.config.distill_weight} at T {model.config.distill_temperature}"

@@ -84,6 +84,9 @@ def train_command(
         bool, typer.Option("--gradient-equilibrium", help="ElasticBERT's gradient equilibrium in the backbone")
     ] = False,
     pooling: Annotated[str | None, typer.Option(help="cls or mean (default: what the checkpoint declares)")] = None,
+    attention_pooling: Annotated[
+        bool, typer.Option("--attention-pooling", help="each exit pools the tokens with its own learned weights")
+    ] = False,
     loss_weights: Annotated[str, typer.Option(help="uniform, ascending or descending")] = "ascending",
     exit_layers: Annotated[str | None, typer.Option(help="comma-separated layers with exits (default all)")] = None,
     max_train_samples: Annotated[int | None, typer.Option(help="train on a seeded sample of this size")] = None,
@@ -143,6 +146,8 @@ def train_command(
             options["gradient_equilibrium"] = True
         if pooling is not None:
             options["pooling"] = pooling
+        if attention_pooling:
+            options["attention_pooling"] = True
         run_training(resolve_encoder(encoder), splits, args, options)
     except (ValueError, FileNotFoundError) as error:
         raise fail(str(error)) from error
