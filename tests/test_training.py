@@ -91,12 +91,16 @@ def test_schemes_set_bypasses_and_loss_weights(tiny_encoder, data, tmp_path) -> 
     second = stage_exit_weights(model, "two_stage", 2)
     assert second[-1] == 0 and torch.isclose(second.sum(), torch.tensor(1.0))
     assert torch.allclose(stage_exit_weights(model, "bb", 1), torch.tensor([1, 2, 3, 4]) / 10)
-    # Two-stage: the second stage trains only the intermediate exits, so the backbone is untouched by it.
+    # Two-stage: the second stage trains only the intermediate exits, so the backbone and the final exit (its head
+    # and token scores) are untouched by it.
     joint = MultiExitModel.from_encoder(
-        tiny_encoder, label_names=["negative", "positive"], **scheme_model_options("joint")
+        tiny_encoder, label_names=["negative", "positive"], attention_pooling=True, **scheme_model_options("joint")
     )
     train(joint, data["train"], data["validation"], fast_args(tmp_path, scheme="two_stage", epochs=2))
     assert all(not p.requires_grad for p in joint.encoder.parameters())
+    last = str(joint.num_layers)
+    assert all(not p.requires_grad for p in [*joint.exits[last].parameters(), *joint.poolers[last].parameters()])
+    assert all(p.requires_grad for p in joint.poolers["1"].parameters())
 
 
 def test_old_schemes_keep_their_options_and_bad_schemes_are_named() -> None:

@@ -150,10 +150,12 @@ def _param_groups(model: MultiExitModel, args: TrainingArguments, stage: int) ->
     heads = {id(p) for p in model.exit_parameters()}
     encoder = [p for p in model.parameters() if id(p) not in heads]
     if args.scheme == "two_stage" and stage == 2:
-        final = {id(p) for p in model.exits[str(model.num_layers)].parameters()}
-        for p in encoder:
-            p.requires_grad_(False)
-        for p in model.exits[str(model.num_layers)].parameters():
+        last = str(model.num_layers)  # the final exit (its head and, with attention pooling, its token scores)
+        final_parameters = list(model.exits[last].parameters())
+        if last in model.poolers:
+            final_parameters += list(model.poolers[last].parameters())
+        final = {id(p) for p in final_parameters}
+        for p in encoder + final_parameters:
             p.requires_grad_(False)
         return [{"params": [p for p in model.exit_parameters() if id(p) not in final], "lr": args.head_lr}]
     return [
