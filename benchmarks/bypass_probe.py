@@ -7,7 +7,9 @@ split are computed once, then only the exits (and their bypass adapters) are tra
 and seed. With nothing shared being trained, this isolates what an adapter adds to the exits it feeds:
 - `none`: plain exits;
 - `pooled, block b`: one adapter per block of b layers on the pooled vector (the paper's bypass, v1);
-- `tokens, block b`: one adapter per block on every token before pooling (v2).
+- `tokens, block b`: one adapter per block on every token before pooling (v2);
+- `attention`: plain exits, each pooling the tokens by its own learned weights instead of the mean
+  (`attention_pooling`), and `attention + tokens, block 2`: that on top of v2's adapters.
 The damper and distillation act on the shared layers and the final exit, so this probe cannot judge them;
 `benchmarks/run.py --plan v2` (the ablation) does, with the encoder trained.
 
@@ -33,6 +35,7 @@ from badge.data import load_named_dataset, sample  # noqa: E402
 from badge.encoders import minilm_l6_dir  # noqa: E402
 
 DESIGNS = [("none", None)] + [(where, b) for where in ("pooled", "tokens") for b in (1, 2, 3)]
+DESIGNS += [("attention", None), ("attention + tokens", 2)]  # each exit's own learned token weights
 
 
 def states(model: MultiExitModel, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,9 +60,13 @@ def states(model: MultiExitModel, texts: list[str], max_length: int) -> tuple[to
 def probe(design, seed, train, validation, label_names, epochs: int, lr: float) -> list[float]:
     """Validation accuracy of every exit after training the exits (and adapters) of one design."""
     where, block = design
-    options = {"use_bypass": False} if where == "none" else {"use_bypass": True, "block_size": block}
-    if where == "tokens":
+    options = {"use_bypass": block is not None}
+    if block is not None:
+        options["block_size"] = block
+    if where.endswith("tokens"):
         options["bypass_input"] = "tokens"
+    if where.startswith("attention"):
+        options["attention_pooling"] = True
     torch.manual_seed(seed)
     model = MultiExitModel.from_encoder(minilm_l6_dir(), label_names=label_names, gamma=1.0, **options)
     for parameter in model.encoder.parameters():
