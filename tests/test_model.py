@@ -417,26 +417,6 @@ def test_gradient_equilibrium_divides_every_losss_gradient_by_the_exits_above() 
             torch.testing.assert_close(a, b)  # the forward pass is unchanged
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_engine_runs_a_token_bypass_model_as_its_forward_pass(packed: bool) -> None:
-    from badge import EarlyExitEngine, ExitPolicy
-
-    torch.manual_seed(0)
-    config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=3, pooling="mean", bypass_input="tokens")
-    model = MultiExitModel(config).eval()
-    for bypass in model.bypasses.values():
-        torch.nn.init.normal_(bypass.up.weight)
-    lengths = torch.randint(3, 12, (20,))
-    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(5, 60, (20, 12)) * mask
-    with torch.no_grad():
-        expected = torch.softmax(model(ids, mask).exit_logits[1], dim=-1)
-    for batch_size in (1, 8):
-        result = EarlyExitEngine(model, ExitPolicy("static:2"), batch_size=batch_size, packed=packed).run(ids, mask)
-        assert result.exit_layers.tolist() == [2] * 20
-        torch.testing.assert_close(result.probs, expected, atol=1e-5, rtol=1e-5)
-
-
 def test_attention_pooling_starts_as_mean_pooling_learns_its_own_weights_and_survives_a_round_trip(tmp_path) -> None:
     torch.manual_seed(0)
     options = {"backbone": six_layer_backbone(), "num_labels": 3, "bypass_input": "tokens", "gamma_schedule": "depth"}
@@ -474,23 +454,30 @@ def test_attention_pooling_starts_as_mean_pooling_learns_its_own_weights_and_sur
     torch.testing.assert_close(reloaded.exit_logits(6, hidden, mask), expected)
 
 
+@pytest.mark.parametrize("attention_pooling", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_engine_runs_an_attention_pooling_model_as_its_forward_pass(packed: bool) -> None:
+def test_engine_runs_a_token_bypass_model_as_its_forward_pass(packed: bool, attention_pooling: bool) -> None:
     from badge import EarlyExitEngine, ExitPolicy
 
     torch.manual_seed(0)
-    config = MultiExitConfig(backbone=six_layer_backbone(), num_labels=3, bypass_input="tokens", attention_pooling=True)
+    config = MultiExitConfig(
+        backbone=six_layer_backbone(),
+        num_labels=3,
+        pooling="mean",
+        bypass_input="tokens",
+        attention_pooling=attention_pooling,
+    )
     model = MultiExitModel(config).eval()
-    for module in list(model.bypasses.values()):
-        torch.nn.init.normal_(module.up.weight)
-    for pooler in model.poolers.values():
+    for bypass in model.bypasses.values():
+        torch.nn.init.normal_(bypass.up.weight)
+    for pooler in model.poolers.values():  # each exit's own token weights, when it has them
         torch.nn.init.normal_(pooler.score.weight)
     lengths = torch.randint(3, 12, (20,))
     mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
     ids = torch.randint(5, 60, (20, 12)) * mask
     with torch.no_grad():
-        expected = torch.softmax(model(ids, mask).exit_logits[2], dim=-1)
+        expected = torch.softmax(model(ids, mask).exit_logits[1], dim=-1)
     for batch_size in (1, 8):
-        result = EarlyExitEngine(model, ExitPolicy("static:3"), batch_size=batch_size, packed=packed).run(ids, mask)
-        assert result.exit_layers.tolist() == [3] * 20
+        result = EarlyExitEngine(model, ExitPolicy("static:2"), batch_size=batch_size, packed=packed).run(ids, mask)
+        assert result.exit_layers.tolist() == [2] * 20
         torch.testing.assert_close(result.probs, expected, atol=1e-5, rtol=1e-5)
