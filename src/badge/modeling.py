@@ -230,22 +230,18 @@ class MultiExitModel(PreTrainedModel, ExitModel):
     ) -> torch.Tensor:
         """Logits (B, K) of the exit after 1-based `layer`; pass `pool_weights` when they are already at hand."""
         key = str(layer)
-        if key in self.poolers:  # this exit's own token weights, from the states it pools
-            pool_weights = None
-        elif pool_weights is None:
-            pool_weights = self.pool_weights(attention_mask, hidden.dtype)  # (B, 1, T)
         bypass = self._exit_bypass.get(layer)
-        if bypass is not None and self._token_bypass:  # v2: adapter on every token, then pooling
+        on_tokens = bypass is not None and self._token_bypass
+        if on_tokens:  # v2: adapter on every token, then pooling
             if torch.is_grad_enabled():
                 hidden = damp_gradient(hidden, self._exit_gamma[layer])
             hidden = hidden + self.bypasses[bypass](hidden)
-            if pool_weights is None:
-                pool_weights = self.poolers[key](hidden, attention_mask)
-            return self.exits[key](torch.bmm(pool_weights, hidden).squeeze(1))  # pooled (B, d)
-        if pool_weights is None:
+        if key in self.poolers:  # this exit's own token weights, from the states it pools
             pool_weights = self.poolers[key](hidden, attention_mask)
+        elif pool_weights is None:
+            pool_weights = self.pool_weights(attention_mask, hidden.dtype)  # (B, 1, T)
         pooled = torch.bmm(pool_weights, hidden).squeeze(1)  # (B, d)
-        if layer in self._exit_bypass:  # an intermediate exit
+        if layer in self._exit_bypass and not on_tokens:  # an intermediate exit, damped (and bypassed) when pooled
             if torch.is_grad_enabled():
                 pooled = damp_gradient(pooled, self._exit_gamma[layer])
             if bypass is not None:
