@@ -142,25 +142,33 @@ def tiny_plan(schemes: list[str], ablation: list[str]) -> dict:
     }
 
 
-def test_the_ablation_pairs_schemes_that_differ_in_one_ingredient_over_the_seeds_both_have(tmp_path: Path) -> None:
+def write_run(folder: Path, validation_correct: int, test_correct: int) -> None:
+    """A finished 2-exit run of 10 texts, all of class 0: on each split every exit gets the first `*_correct` texts
+    right and the others wrong."""
     import json
 
     from safetensors.torch import save_file
 
-    plan = tiny_plan(["joint"], ["bb", "bb2"])
     labels = torch.zeros(10, dtype=torch.long)
     right, wrong = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+
+    def exits(correct: int) -> torch.Tensor:
+        return torch.stack([right if i < correct else wrong for i in range(10)])[:, None].repeat(1, 2, 1)  # (N, 2, 2)
+
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"exit_layers": [1, 2]}))
+    tensors = {"validation_logits": exits(validation_correct), "validation_labels": labels}
+    tensors |= {"test_logits": exits(test_correct), "test_labels": labels.clone()}
+    save_file(tensors, folder / "logits.safetensors")
+
+
+def test_the_ablation_pairs_schemes_that_differ_in_one_ingredient_over_the_seeds_both_have(tmp_path: Path) -> None:
+    plan = tiny_plan(["joint"], ["bb", "bb2"])
     correct_texts = {"joint": 5, "bb": 4, "bb2": 8}  # texts every exit gets right; the others every exit gets wrong
     for run in run_report.plan_runs(plan):
         if run.scheme == "bb" and run.seed == 1:
             continue  # bb has seed 0 only, so its contrast pairs one seed
-        logits = torch.stack([right if i < correct_texts[run.scheme] else wrong for i in range(10)])
-        logits = logits[:, None].repeat(1, 2, 1)  # (N, E = 2, K = 2)
-        folder = tmp_path / run.name
-        folder.mkdir()
-        (folder / "run.json").write_text(json.dumps({"exit_layers": [1, 2]}))
-        tensors = {"validation_logits": logits, "validation_labels": labels, "test_logits": logits.clone()}
-        save_file({**tensors, "test_labels": labels.clone()}, folder / "logits.safetensors")
+        write_run(tmp_path / run.name, correct_texts[run.scheme], correct_texts[run.scheme])
     rows = {(row["a"], row["b"]): row for row in run_report.ablation_section(tmp_path, plan)}
     assert set(rows) == {("bb2", "joint"), ("bb2", "bb")}  # the contrasts whose two schemes are both in the plan
     assert rows[("bb2", "joint")]["seeds"] == 2 and rows[("bb2", "bb")]["seeds"] == 1
@@ -171,26 +179,11 @@ def test_the_ablation_pairs_schemes_that_differ_in_one_ingredient_over_the_seeds
 
 
 def test_the_training_table_compares_each_scheme_with_the_default_on_validation_not_test(tmp_path: Path) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
     plan = tiny_plan([run_report.DEFAULT_SCHEME, "joint"], [])
-    labels = torch.zeros(10, dtype=torch.long)
-    right, wrong = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
     # texts every exit gets right, on (validation, test): joint is behind on validation and ahead on test
     correct_texts = {run_report.DEFAULT_SCHEME: (7, 5), "joint": (4, 9)}
-
-    def exits(correct: int) -> torch.Tensor:
-        return torch.stack([right if i < correct else wrong for i in range(10)])[:, None].repeat(1, 2, 1)
-
     for run in run_report.plan_runs(plan):
-        folder = tmp_path / run.name
-        folder.mkdir()
-        (folder / "run.json").write_text(json.dumps({"exit_layers": [1, 2]}))
-        validation, test = (exits(c) for c in correct_texts[run.scheme])
-        tensors = {"validation_logits": validation, "validation_labels": labels, "test_logits": test}
-        save_file({**tensors, "test_labels": labels.clone()}, folder / "logits.safetensors")
+        write_run(tmp_path / run.name, *correct_texts[run.scheme])
     rows = run_report.training_section(tmp_path, plan, "rotten-tomatoes")
     assert rows["joint"]["validation_mean_exit_metric"] == pytest.approx(40.0)
     assert rows["joint"]["mean_exit_metric"] == pytest.approx(90.0)
