@@ -50,7 +50,8 @@ SCHEMES = {
     # the default with distillation temperature 4 instead of 2: the shallow exits learn more of the final exit's
     # margins (which texts it finds hard) and less of its hard answer; the distillation weight (0.9) was the
     # first knob tried, this is the second. It replaces the default only where its validation lead over the
-    # default has an interval above 0 (rotten-tomatoes first, then every dataset)
+    # default has an interval above 0 (rotten-tomatoes first, then every dataset). It did not: -0.04 [-0.24, +0.11]
+    # on rotten-tomatoes validation (82.41 against 82.46 mean over exits, 3 seeds)
     "bb2_distill_t4": ("bb2_distill", {"distill_temperature": 4.0}),
 }
 # The ablation's contrasts (a, b, what a - b isolates), each scheme differing from the other in one ingredient
