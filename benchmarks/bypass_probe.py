@@ -9,7 +9,8 @@ and seed. With nothing shared being trained, this isolates what an adapter adds 
 - `pooled, block b`: one adapter per block of b layers on the pooled vector (the paper's bypass, v1);
 - `tokens, block b`: one adapter per block on every token before pooling (v2);
 - `attention`: plain exits, each pooling the tokens by its own learned weights instead of the mean
-  (`attention_pooling`), and `attention + tokens, block 2`: that on top of v2's adapters.
+  (`attention_pooling`), and `attention + tokens, block 2`: that on top of v2's adapters;
+- `tokens, block 2, width w`: v2's adapters with a bottleneck of w instead of the default 32 (`bypass_dim`).
 The damper and distillation act on the shared layers and the final exit, so this probe cannot judge them;
 `benchmarks/run.py --plan v2` (the ablation) does, with the encoder trained.
 
@@ -34,8 +35,11 @@ from badge import MultiExitModel  # noqa: E402
 from badge.data import load_named_dataset, sample  # noqa: E402
 from badge.encoders import minilm_l6_dir  # noqa: E402
 
-DESIGNS = [("none", None)] + [(where, b) for where in ("pooled", "tokens") for b in (1, 2, 3)]
-DESIGNS += [("attention", None), ("attention + tokens", 2)]  # each exit's own learned token weights
+WIDTH = 32  # MultiExitConfig's default bypass_dim
+# (where, block size, adapter width)
+DESIGNS = [("none", None, WIDTH)] + [(where, b, WIDTH) for where in ("pooled", "tokens") for b in (1, 2, 3)]
+DESIGNS += [("attention", None, WIDTH), ("attention + tokens", 2, WIDTH)]  # each exit's own learned token weights
+DESIGNS += [("tokens", 2, width) for width in (64, 128)]  # a wider bottleneck
 
 
 def states(model: MultiExitModel, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +63,8 @@ def states(model: MultiExitModel, texts: list[str], max_length: int) -> tuple[to
 
 def probe(design, seed, train, validation, label_names, epochs: int, lr: float) -> list[float]:
     """Validation accuracy of every exit after training the exits (and adapters) of one design."""
-    where, block = design
-    options = {"use_bypass": block is not None}
+    where, block, width = design
+    options = {"use_bypass": block is not None, "bypass_dim": width}
     if block is not None:
         options["block_size"] = block
     if where.endswith("tokens"):
@@ -134,9 +138,10 @@ def main() -> None:
         "| design | " + " | ".join(f"exit {i}" for i in range(1, layers + 1)) + " | shallow | vs none |",
         "|---|" + "---|" * (layers + 2),
     ]
-    base = statistics.mean(statistics.mean(r[:3]) for r in results[("none", None)])
+    base = statistics.mean(statistics.mean(r[:3]) for r in results[("none", None, WIDTH)])
     for design, runs in results.items():
         name = design[0] if design[1] is None else f"{design[0]}, block {design[1]}"
+        name += "" if design[2] == WIDTH else f", width {design[2]}"
         per_exit = [statistics.mean(r[i] for r in runs) for i in range(layers)]
         shallow = [statistics.mean(r[:3]) for r in runs]
         spread = statistics.stdev(shallow) if len(shallow) > 1 else 0.0

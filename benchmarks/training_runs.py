@@ -267,7 +267,10 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
         "exit_layers": model.exit_layers,
         "config": {
             key: model.config.to_dict().get(key)
-            for key in ("use_bypass", "bypass_input", "gamma", "gamma_schedule", "block_size", "distill_weight")
+            for key in (
+                *("use_bypass", "bypass_input", "bypass_dim", "gamma", "gamma_schedule", "block_size"),
+                *("distill_weight", "distill_temperature", "attention_pooling", "loss_weights"),
+            )
         },
         "history": history,
         "machine": machine(),
