@@ -10,7 +10,9 @@ and seed. With nothing shared being trained, this isolates what an adapter adds 
 - `tokens, block b`: one adapter per block on every token before pooling (v2);
 - `attention`: plain exits, each pooling the tokens by its own learned weights instead of the mean
   (`attention_pooling`), and `attention + tokens, block 2`: that on top of v2's adapters;
-- `tokens, block 2, width w`: v2's adapters with a bottleneck of w instead of the default 32 (`bypass_dim`).
+- `tokens, block 2, width w`: v2's adapters with a bottleneck of w instead of the default 32 (`bypass_dim`);
+- `tokens + hint, block 2`: v2's adapters, each intermediate exit also pulling its pooled vector towards the
+  last layer's (mean squared error, weight 1): feature distillation, the other half of self-distillation.
 The damper and distillation act on the shared layers and the final exit, so this probe cannot judge them;
 `benchmarks/run.py --plan v2` (the ablation) does, with the encoder trained.
 
@@ -40,6 +42,7 @@ WIDTH = 32  # MultiExitConfig's default bypass_dim
 DESIGNS = [("none", None, WIDTH)] + [(where, b, WIDTH) for where in ("pooled", "tokens") for b in (1, 2, 3)]
 DESIGNS += [("attention", None, WIDTH), ("attention + tokens", 2, WIDTH)]  # each exit's own learned token weights
 DESIGNS += [("tokens", 2, width) for width in (64, 128)]  # a wider bottleneck
+DESIGNS += [("tokens + hint", 2, WIDTH)]  # feature distillation towards the last layer's pooled vector
 
 
 def states(model: MultiExitModel, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +70,7 @@ def probe(design, seed, train, validation, label_names, epochs: int, lr: float) 
     options = {"use_bypass": block is not None, "bypass_dim": width}
     if block is not None:
         options["block_size"] = block
-    if where.endswith("tokens"):
+    if "tokens" in where:
         options["bypass_input"] = "tokens"
     if where.startswith("attention"):
         options["attention_pooling"] = True
@@ -79,14 +82,22 @@ def probe(design, seed, train, validation, label_names, epochs: int, lr: float) 
     optimizer = torch.optim.AdamW(trained, lr=lr)
     (x, mask, y), (xv, mask_v, yv) = train, validation
     generator = torch.Generator().manual_seed(seed)
+    pooled: list[torch.Tensor] = []  # each exit head's input, for the hint
+    if where.endswith("hint"):
+        for layer in model.intermediate_layers:
+            model.exits[str(layer)].register_forward_pre_hook(lambda _, args: pooled.append(args[0]))
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(y), generator=generator).split(32):
             weights = model.pool_weights(mask[batch])
+            pooled.clear()
             loss = sum(
                 torch.nn.functional.cross_entropy(model.exit_logits(layer, x[batch, i], mask[batch], weights), y[batch])
                 for i, layer in enumerate(model.exit_layers)
             )
+            if pooled:
+                last = torch.bmm(weights, x[batch, -1]).squeeze(1)  # the last layer's pooled vector (frozen)
+                loss = loss + sum(torch.nn.functional.mse_loss(vector, last) for vector in pooled)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
