@@ -12,7 +12,10 @@ and seed. With nothing shared being trained, this isolates what an adapter adds 
   (`attention_pooling`), and `attention + tokens, block 2`: that on top of v2's adapters;
 - `tokens, block 2, width w`: v2's adapters with a bottleneck of w instead of the default 32 (`bypass_dim`);
 - `tokens + hint, block 2`: v2's adapters, each intermediate exit also pulling its pooled vector towards the
-  last layer's (mean squared error, weight 1): feature distillation, the other half of self-distillation.
+  last layer's (mean squared error, weight 1): feature distillation, the other half of self-distillation;
+- `tokens + distillation, block 2`: v2's adapters, each intermediate exit's loss mixed with distillation from the
+  final exit as in `bb2_distill` (weight 0.5, temperature 2), and `tokens + distillation from the next exit`: the
+  same with the next deeper exit as each exit's teacher (a teacher closer to the student's capacity).
 The damper and distillation act on the shared layers and the final exit, so this probe cannot judge them;
 `benchmarks/run.py --plan v2` (the ablation) does, with the encoder trained.
 
@@ -36,6 +39,7 @@ sys.path.insert(0, str(HERE))
 from badge import MultiExitModel  # noqa: E402
 from badge.data import load_named_dataset, sample  # noqa: E402
 from badge.encoders import minilm_l6_dir  # noqa: E402
+from badge.training import DISTILL_OPTIONS  # noqa: E402
 
 WIDTH = 32  # MultiExitConfig's default bypass_dim
 # (where, block size, adapter width)
@@ -43,6 +47,7 @@ DESIGNS = [("none", None, WIDTH)] + [(where, b, WIDTH) for where in ("pooled", "
 DESIGNS += [("attention", None, WIDTH), ("attention + tokens", 2, WIDTH)]  # each exit's own learned token weights
 DESIGNS += [("tokens", 2, width) for width in (64, 128)]  # a wider bottleneck
 DESIGNS += [("tokens + hint", 2, WIDTH)]  # feature distillation towards the last layer's pooled vector
+DESIGNS += [("tokens + distillation", 2, WIDTH), ("tokens + distillation from the next exit", 2, WIDTH)]
 
 
 def states(model: MultiExitModel, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +79,8 @@ def probe(design, seed, train, validation, label_names, epochs: int, lr: float) 
         options["bypass_input"] = "tokens"
     if where.startswith("attention"):
         options["attention_pooling"] = True
+    if "distillation" in where:
+        options.update(DISTILL_OPTIONS)
     torch.manual_seed(seed)
     model = MultiExitModel.from_encoder(minilm_l6_dir(), label_names=label_names, gamma=1.0, **options)
     for parameter in model.encoder.parameters():
@@ -91,10 +98,17 @@ def probe(design, seed, train, validation, label_names, epochs: int, lr: float) 
         for batch in torch.randperm(len(y), generator=generator).split(32):
             weights = model.pool_weights(mask[batch])
             pooled.clear()
-            loss = sum(
-                torch.nn.functional.cross_entropy(model.exit_logits(layer, x[batch, i], mask[batch], weights), y[batch])
-                for i, layer in enumerate(model.exit_layers)
-            )
+            logits = [
+                model.exit_logits(layer, x[batch, i], mask[batch], weights) for i, layer in enumerate(model.exit_layers)
+            ]
+            if where.endswith("next exit"):
+                alpha = model.config.distill_weight
+                loss = model.task_loss(logits[-1], y[batch]) + sum(
+                    (1 - alpha) * model.task_loss(z, y[batch]) + alpha * model.distill_loss(z, teacher.detach())
+                    for z, teacher in zip(logits[:-1], logits[1:], strict=True)
+                )
+            else:  # the task loss, mixed with distillation from the final exit where the config says so
+                loss = sum(model.exit_losses(logits, y[batch]))
             if pooled:
                 last = torch.bmm(weights, x[batch, -1]).squeeze(1)  # the last layer's pooled vector (frozen)
                 loss = loss + sum(torch.nn.functional.mse_loss(vector, last) for vector in pooled)
