@@ -16,7 +16,8 @@ and seed. With nothing shared being trained, this isolates what an adapter adds 
 - `tokens + distillation, block 2`: v2's adapters, each intermediate exit's loss mixed with distillation from the
   final exit as in `bb2_distill` (weight 0.5, temperature 2), and `tokens + distillation from the next exit`: the
   same with the next deeper exit as each exit's teacher (a teacher closer to the student's capacity).
-The damper and distillation act on the shared layers and the final exit, so this probe cannot judge them;
+The damper acts on the shared layers, and distillation on them too when they train, so this probe judges
+only what distillation does to the exits and adapters, and cannot judge the damper;
 `benchmarks/run.py --plan v2` (the ablation) does, with the encoder trained.
 
 Every number is a validation accuracy (rotten-tomatoes validation split); no test text is read.
