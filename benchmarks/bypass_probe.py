@@ -90,10 +90,11 @@ def probe(design, seed, train, validation, label_names, epochs: int, lr: float) 
     optimizer = torch.optim.AdamW(trained, lr=lr)
     (x, mask, y), (xv, mask_v, yv) = train, validation
     generator = torch.Generator().manual_seed(seed)
-    pooled: list[torch.Tensor] = []  # each exit head's input, for the hint
-    if where.endswith("hint"):
-        for layer in model.intermediate_layers:
-            model.exits[str(layer)].register_forward_pre_hook(lambda _, args: pooled.append(args[0]))
+    pooled: list[torch.Tensor] = []  # each exit head's input while training, for the hint
+    hooks = [
+        model.exits[str(layer)].register_forward_pre_hook(lambda _, args: pooled.append(args[0]))
+        for layer in (model.intermediate_layers if where.endswith("hint") else [])
+    ]
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(y), generator=generator).split(32):
@@ -116,6 +117,8 @@ def probe(design, seed, train, validation, label_names, epochs: int, lr: float) 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    for hook in hooks:
+        hook.remove()
     model.eval()
     with torch.no_grad():
         weights = model.pool_weights(mask_v)

@@ -268,13 +268,14 @@ def train_and_store(run: Run, runs_dir: Path, plan_name: str, eval_limit: int | 
         run.seed,
     )
     model = MultiExitModel.from_pretrained(models / BEST).eval()
+    config = model.config.to_dict()
     record = {
         **asdict(run),
         "name": run.name,
         "train_seconds": round(time.perf_counter() - started, 1),
         "exit_layers": model.exit_layers,
         "config": {
-            key: model.config.to_dict().get(key)
+            key: config.get(key)
             for key in (
                 *("use_bypass", "bypass_input", "bypass_dim", "gamma", "gamma_schedule", "block_size"),
                 *("distill_weight", "distill_temperature", "attention_pooling", "loss_weights"),
